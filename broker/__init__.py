@@ -1,0 +1,1 @@
+"""token-broker: Kubernetes service-account JWT in, short-lived GCP access token out."""

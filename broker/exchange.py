@@ -1,0 +1,209 @@
+"""The token-exchange use case: request → identity → decision → token → audit → response."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.audit import AuditLog, AuditRecord, rfc3339, sha256_hex
+from broker.cache import TokenCache, cache_key
+from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
+from broker.identity import Verifier
+from broker.minting import Minter
+from broker.model import MintRequest, WorkloadIdentity
+from broker.policy import RoleTable, decide
+from broker.protocol import parse_token_request, token_response
+from broker.ratelimit import RateLimiter
+from broker.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Who is calling, from the transport's point of view."""
+
+    request_id: str
+    client_ip: str | None
+    user_agent: str | None
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeResult:
+    body: dict[str, Any]
+    audit: dict[str, Any]
+
+
+class TokenExchange:
+    """Runs one exchange; every outcome leaves exactly one audit record (denials may fold)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        verifier: Verifier,
+        roles: Callable[[], RoleTable],
+        cache: TokenCache,
+        minter: Minter,
+        audit: AuditLog,
+        limiter: RateLimiter,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._verifier = verifier
+        self._roles = roles
+        self._cache = cache
+        self._minter = minter
+        self._audit = audit
+        self._limiter = limiter
+        self._clock = clock
+        # The IAM deadline bounds how long a caller waits for someone else's mint.
+        self._mint_wait_s = 15.0
+
+    def run(self, params: Mapping[str, list[str]], ctx: RequestContext) -> ExchangeResult:
+        """Handle one request; raise :class:`BrokerError` (already audited) on refusal."""
+        limits = self._settings.rate_limit
+        raw_token = (params.get("subject_token") or [""])[0].strip()
+        identity: WorkloadIdentity | None = None
+        role_name: str | None = None
+        try:
+            if ctx.client_ip:
+                self._limiter.hit("client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
+            request = parse_token_request(params)
+            identity = self._verifier.verify(request.subject_token)
+            self._limiter.hit("subject", identity.principal, limits.per_subject_per_minute)
+            now = self._clock()
+            decision = decide(
+                self._roles(), identity, requested_role=request.requested_role, now=now
+            )
+            if not decision.allowed or decision.role is None:
+                raise InvalidTarget(
+                    decision.reasons[0] if decision.reasons else "no role admits this caller",
+                    reason=decision.reason,
+                )
+            role = decision.role
+            role_name = role.name
+            mint_request = MintRequest(
+                service_account=role.service_account,
+                scopes=role.scopes,
+                lifetime_s=role.lifetime_s,
+                delegates=role.delegates,
+            )
+            token, hit = self._cache.get_or_mint(
+                cache_key(role.name, mint_request),
+                lambda: self._minter.mint(mint_request),
+                wait_s=self._mint_wait_s,
+            )
+            now = self._clock()
+            record = self._record(
+                ctx,
+                raw_token,
+                identity,
+                decision="issued",
+                reason="issued",
+                role=role.name,
+                service_account=role.service_account,
+                scopes=role.scopes,
+                lifetime_s=role.lifetime_s,
+                expires_at=rfc3339(token.expires_at),
+                cache="hit" if hit else "miss",
+                access_token_sha256=sha256_hex(token.token),
+            )
+            # Fail closed: the token leaves only once its record is stored.
+            stored = self._audit.append(record)
+            body = token_response(token.token, int(token.expires_at - now), role.scopes)
+            return ExchangeResult(body=body, audit=stored)
+        except BrokerError as exc:
+            self._audit_failure(exc, ctx, raw_token, identity, role_name)
+            raise
+
+    def refuse(self, exc: BrokerError, ctx: RequestContext) -> None:
+        """Audit a request refused before it could be parsed (body too large, bad JSON)."""
+        self._audit_failure(exc, ctx, "", None, None)
+
+    def _audit_failure(
+        self,
+        exc: BrokerError,
+        ctx: RequestContext,
+        raw_token: str,
+        identity: WorkloadIdentity | None,
+        role_name: str | None,
+    ) -> None:
+        decision = "denied" if exc.status < 500 else "error"
+        record = self._record(
+            ctx, raw_token, identity, decision=decision, reason=exc.reason, role=role_name
+        )
+        if decision == "denied":
+            fold_key = (ctx.client_ip or "", exc.reason, record.subject_token_sha256 or "")
+            self._audit.append_denial(record, fold_key)
+            return
+        # On failure the record is already echoed to stdout with stored: false; the caller
+        # gets `exc` either way.
+        with contextlib.suppress(StoreUnavailable):
+            self._audit.append(record)
+
+    def _record(
+        self,
+        ctx: RequestContext,
+        raw_token: str,
+        identity: WorkloadIdentity | None,
+        *,
+        decision: str,
+        reason: str,
+        **fields: Any,
+    ) -> AuditRecord:
+        claims: dict[str, Any]
+        if identity is not None:
+            claims = {
+                "subject_verified": True,
+                "issuer": identity.issuer,
+                "subject": identity.subject,
+                "namespace": identity.namespace,
+                "kubernetes_service_account": identity.service_account,
+                "kubernetes_service_account_uid": identity.service_account_uid,
+                "pod": identity.pod,
+                "pod_uid": identity.pod_uid,
+                "jti": identity.jti,
+            }
+        else:
+            claims = {"subject_verified": False, **_unverified(raw_token)}
+        return AuditRecord(
+            time=rfc3339(self._clock()),
+            request_id=ctx.request_id,
+            event="token.exchange",
+            decision=decision,
+            reason=reason,
+            subject_token_sha256=sha256_hex(raw_token) if raw_token else None,
+            client_ip=ctx.client_ip,
+            user_agent=(ctx.user_agent or "")[:256] or None,
+            latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
+            **claims,
+            **fields,
+        )
+
+
+_CLAIM_FIELDS = {
+    "iss": "issuer",
+    "sub": "subject",
+    "namespace": "namespace",
+    "service_account": "kubernetes_service_account",
+    "service_account_uid": "kubernetes_service_account_uid",
+    "pod": "pod",
+    "pod_uid": "pod_uid",
+    "jti": "jti",
+}
+
+
+def _unverified(raw_token: str) -> dict[str, Any]:
+    """Claims of a refused token, for the record only (marked subject_verified: false)."""
+    if not raw_token:
+        return {}
+    claims = Verifier.unverified_claims(raw_token)
+    out: dict[str, Any] = {}
+    for src, dst in _CLAIM_FIELDS.items():
+        value = claims.get(src)
+        if isinstance(value, str):
+            out[dst] = value[:256]
+    return out

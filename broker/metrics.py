@@ -1,0 +1,54 @@
+"""Prometheus metrics, correct across gunicorn workers.
+
+Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set by the master before forking, so every
+worker writes its samples to files there and ``/metrics`` aggregates them; in one process (dev
+mode, tests) the default registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUESTS = Counter(
+    "token_broker_token_requests_total",
+    "Token exchange requests by outcome",
+    ["decision", "reason"],
+)
+LATENCY = Histogram(
+    "token_broker_token_request_seconds",
+    "Token exchange latency",
+    ["decision"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def observe(decision: str, reason: str, seconds: float) -> None:
+    """Count one token request."""
+    REQUESTS.labels(decision=decision, reason=reason).inc()
+    LATENCY.labels(decision=decision).observe(seconds)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type, aggregated over workers when multiprocess."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """gunicorn child_exit hook: drop a dead worker's live gauges."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

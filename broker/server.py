@@ -1,0 +1,45 @@
+"""Run the broker under gunicorn (gthread workers), configured from settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from broker.settings import Settings, load_settings
+
+
+class BrokerServer(BaseApplication):  # type: ignore[misc]
+    """A gunicorn application whose workers each build their own app (nothing shared by fork)."""
+
+    def __init__(self, config_path: str, settings: Settings, extra: dict[str, Any] | None = None):
+        self._config_path = config_path
+        self._options: dict[str, Any] = {
+            "bind": settings.server.bind,
+            "workers": settings.server.workers,
+            "threads": settings.server.threads,
+            "worker_class": "gthread",
+            "preload_app": False,  # each worker connects after fork
+            "timeout": 30,
+            "graceful_timeout": 10,
+            "keepalive": 5,
+            "accesslog": None,
+            "limit_request_line": 8190,
+        }
+        self._options.update(extra or {})
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        from broker.app import create_app
+
+        return create_app(load_settings(self._config_path))
+
+
+def serve(config_path: str, settings: Settings, extra: dict[str, Any] | None = None) -> None:
+    """Block serving ``settings`` under gunicorn until signalled."""
+    BrokerServer(config_path, settings, extra).run()

@@ -1,0 +1,291 @@
+"""The token exchange through the HTTP layer, with fakeredis and a fake minter (unit level)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from urllib.parse import urlencode
+
+import jwt
+import pytest
+import redis
+from cryptography.hazmat.primitives import serialization
+
+from broker.errors import TemporarilyUnavailable
+from tests.support import ADMIN_AUDIENCE, GRANT, JWT_TYPE, SA_DOMAIN, exchange_form
+
+
+def post(b, data, **kw):
+    return b.client.post("/v1/token", data=data, **kw)
+
+
+def test_issues_token_with_rfc8693_shape_and_audit(broker):
+    resp = post(broker, exchange_form(broker.issuer.token(), audience="flux-source-reader"))
+    assert resp.status_code == 200, resp.json
+    body = resp.json
+    assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    assert body["token_type"] == "Bearer"
+    assert isinstance(body["expires_in"], int) and 3500 < body["expires_in"] <= 3600
+    assert body["scope"] == "https://www.googleapis.com/auth/devstorage.read_only"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert resp.headers["Pragma"] == "no-cache"
+    [rec] = broker.audit()
+    assert rec["decision"] == "issued"
+    assert rec["subject_verified"] is True
+    assert rec["namespace"] == "flux-system"
+    assert rec["kubernetes_service_account"] == "source-controller"
+    assert rec["service_account"] == f"flux-source@{SA_DOMAIN}"
+    assert rec["cache"] == "miss"
+    assert rec["access_token_sha256"] and body["access_token"] not in json.dumps(rec)
+    assert rec["writer"] and rec["seq"] == 1 and rec["hash"]
+
+
+def test_second_request_is_cache_hit(broker):
+    for _ in range(3):
+        assert post(broker, exchange_form(broker.issuer.token())).status_code == 200
+    assert len(broker.minter.calls) == 1
+    assert [r["cache"] for r in reversed(broker.audit())] == ["miss", "hit", "hit"]
+
+
+def test_json_body_is_accepted(broker):
+    resp = broker.client.post("/v1/token", json=exchange_form(broker.issuer.token()))
+    assert resp.status_code == 200
+
+
+def test_role_selected_without_audience_and_wif_audience(broker):
+    wif = "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k"
+    assert post(broker, exchange_form(broker.issuer.token())).status_code == 200
+    assert post(broker, exchange_form(broker.issuer.token(), audience=wif)).status_code == 200
+
+
+def test_requested_scope_is_advisory(broker):
+    scope = "https://www.googleapis.com/auth/cloud-platform https://www.googleapis.com/auth/userinfo.email"
+    resp = post(broker, exchange_form(broker.issuer.token(), scope=scope))
+    assert resp.status_code == 200
+    assert resp.json["scope"] == "https://www.googleapis.com/auth/devstorage.read_only"
+    assert broker.minter.calls[0].scopes == ("https://www.googleapis.com/auth/devstorage.read_only",)
+
+
+def _hs256_with_public_key(issuer):
+    pem = issuer.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": issuer.kid}).encode())
+    claims = jwt.decode(issuer.token(), options={"verify_signature": False})
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode())
+    signing_input = header.rstrip(b"=") + b"." + payload.rstrip(b"=")
+    import hashlib
+    import hmac
+
+    sig = base64.urlsafe_b64encode(hmac.new(pem, signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + sig.rstrip(b"=")).decode()
+
+
+def _alg_none(issuer):
+    claims = jwt.decode(issuer.token(), options={"verify_signature": False})
+    return jwt.encode(claims, None, algorithm="none")
+
+
+def _bad_cases(issuer):
+    now = int(time.time())
+    return {
+        "empty": ("", "invalid_request", "token_missing"),
+        "garbage": ("not-a-jwt", "invalid_request", "token_malformed"),
+        "oversized": ("a" * 17000, "invalid_request", "token_too_large"),
+        "alg_none": (_alg_none(issuer), "invalid_request", "unsupported_algorithm"),
+        "hs256_rsa_pub": (_hs256_with_public_key(issuer), "invalid_request", "unsupported_algorithm"),
+        "unknown_kid": (issuer.token(headers={"kid": "nope"}), "invalid_request", "unknown_key"),
+        "wrong_iss": (issuer.token(iss="https://evil.example"), "invalid_request", "unknown_issuer"),
+        "wrong_aud": (issuer.token(audience="https://other"), "invalid_request", "wrong_audience"),
+        "missing_aud": (issuer.token(drop=("aud",)), "invalid_request", "wrong_audience"),
+        "api_server_aud": (
+            issuer.token(audience="https://kubernetes.default.svc"),
+            "invalid_request",
+            "api_server_audience",
+        ),
+        "admin_aud": (issuer.token(audience=ADMIN_AUDIENCE), "invalid_request", "wrong_audience"),
+        "expired": (
+            issuer.token(iat=now - 4000, nbf=now - 4000, exp=now - 3000),
+            "invalid_request",
+            "token_expired",
+        ),
+        "nbf_future": (issuer.token(nbf=now + 3000), "invalid_request", "token_not_yet_valid"),
+        "missing_exp": (issuer.token(drop=("exp",)), "invalid_request", "claims_missing"),
+        "string_exp": (issuer.token(exp=str(now + 600)), "invalid_request", "claims_missing"),
+        "lifetime_over_cap": (issuer.token(lifetime=3 * 3600), "invalid_request", "lifetime_too_long"),
+        "sub_mismatch": (
+            issuer.token(sub="system:serviceaccount:other:source-controller"),
+            "invalid_request",
+            "claims_inconsistent",
+        ),
+        "no_role": (issuer.token("default", "default"), "invalid_target", "no_role"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty", "garbage", "oversized", "alg_none", "hs256_rsa_pub", "unknown_kid", "wrong_iss",
+        "wrong_aud", "missing_aud", "api_server_aud", "admin_aud", "expired", "nbf_future",
+        "missing_exp", "string_exp", "lifetime_over_cap", "sub_mismatch", "no_role",
+    ],
+)
+def test_bad_subject_tokens(broker, case):
+    token, error, reason = _bad_cases(broker.issuer)[case]
+    resp = post(broker, exchange_form(token))
+    assert resp.status_code == 400, resp.json
+    assert resp.json["error"] == error
+    assert resp.json["error_description"]
+    assert resp.json["request_id"] == resp.headers["X-Request-Id"]
+    assert resp.headers["Cache-Control"] == "no-store"
+    [rec] = broker.audit()
+    assert rec["decision"] == "denied"
+    assert rec["reason"] == reason, rec
+    assert rec["request_id"] == resp.json["request_id"]
+    assert rec["subject_verified"] is (case == "no_role")
+    if token:
+        assert token not in json.dumps(rec) and token not in broker.audit_out.getvalue()
+    assert broker.minter.calls == []
+
+
+def test_unverified_claims_are_marked(broker):
+    token = broker.issuer.token(headers={"kid": "nope"})
+    post(broker, exchange_form(token))
+    [rec] = broker.audit()
+    assert rec["subject_verified"] is False
+    assert rec["namespace"] == "flux-system"
+    assert rec["issuer"] == broker.issuer.issuer
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "error", "reason"),
+    [
+        ({"subject_token": "x", "subject_token_type": JWT_TYPE}, 400, "invalid_request",
+         "missing_grant_type"),
+        ({"grant_type": "client_credentials", "subject_token": "x"}, 400,
+         "unsupported_grant_type", "unsupported_grant_type"),
+        ({"grant_type": GRANT, "subject_token": "x"}, 400, "invalid_request",
+         "missing_subject_token_type"),
+    ],
+)
+def test_malformed_requests(broker, form, status, error, reason):
+    resp = post(broker, form)
+    assert (resp.status_code, resp.json["error"]) == (status, error)
+    [rec] = broker.audit()
+    assert rec["reason"] == reason
+
+
+def test_unknown_role_and_non_admitting_role_look_the_same(broker):
+    token = broker.issuer.token()
+    a = post(broker, exchange_form(token, audience="does-not-exist"))
+    b = post(broker, exchange_form(broker.issuer.token(), audience="batch-b"))
+    assert a.status_code == b.status_code == 400
+    assert a.json["error"] == b.json["error"] == "invalid_target"
+    assert a.json["error_description"].replace("does-not-exist", "X") == b.json[
+        "error_description"
+    ].replace("batch-b", "X")
+
+
+def test_ambiguous_roles_need_a_name(broker):
+    token = broker.issuer.token("team-x", "runner")
+    resp = post(broker, exchange_form(token))
+    assert resp.json["error"] == "invalid_target"
+    assert post(broker, exchange_form(broker.issuer.token("team-x", "runner"), audience="batch-b")).status_code == 200
+
+
+def test_duplicate_parameters_refused(broker):
+    token = broker.issuer.token()
+    body = urlencode([*exchange_form(token).items(), ("audience", "a"), ("audience", "b")])
+    resp = broker.client.post(
+        "/v1/token", data=body, content_type="application/x-www-form-urlencoded"
+    )
+    assert resp.status_code == 400
+    assert "more than once" in resp.json["error_description"]
+    assert broker.audit()[0]["reason"] == "duplicate_parameter"
+
+
+def test_malformed_scope(broker):
+    resp = post(broker, exchange_form(broker.issuer.token(), scope='bad"scope'))
+    assert resp.json["error"] == "invalid_scope"
+
+
+def test_oversized_body_413_and_audited(broker):
+    resp = post(broker, {"subject_token": "a" * 70000, "grant_type": GRANT})
+    assert resp.status_code == 413
+    assert broker.audit()[0]["reason"] == "request_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [(b"{not json", "application/json"), (b"[1,2]", "application/json"), (b"x", "text/plain"),
+     (b'{"subject_token": 5}', "application/json"), (b"\xff\xfe", "application/x-www-form-urlencoded")],
+)
+def test_garbage_bodies_never_500(broker, body, ctype):
+    resp = broker.client.post("/v1/token", data=body, content_type=ctype)
+    assert 400 <= resp.status_code < 500
+    assert resp.json["error"]
+
+
+def test_identical_denials_fold(broker):
+    for _ in range(20):
+        post(broker, exchange_form("garbage"))
+    broker.app.extensions["broker"].audit.flush_folds(force=True)
+    records = broker.audit()
+    assert len(records) == 2
+    assert sum(r["count"] for r in records) == 20
+
+
+def test_redis_down_gives_503_and_no_token(broker, monkeypatch):
+    def boom(*a, **k):
+        raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(broker.redis, "execute_command", boom)
+    resp = post(broker, exchange_form(broker.issuer.token()))
+    assert resp.status_code == 503
+    assert resp.json["error"] == "temporarily_unavailable"
+    assert resp.headers["Retry-After"]
+    assert "access_token" not in resp.json
+    assert broker.client.get("/readyz").status_code == 503
+
+
+def test_audit_store_failure_after_mint_withholds_token(broker, monkeypatch):
+    """The token is minted and cached, but the record cannot be stored: nothing leaves."""
+    audit = broker.app.extensions["broker"].audit
+    monkeypatch.setattr(audit._redis, "xadd", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
+    resp = post(broker, exchange_form(broker.issuer.token()))
+    assert resp.status_code == 503
+    assert "access_token" not in resp.json
+    lines = [json.loads(x)["audit"] for x in broker.audit_out.getvalue().splitlines()]
+    assert any(r["decision"] == "issued" and r["stored"] is False for r in lines)
+
+
+def test_iam_unavailable_is_503(broker):
+    broker.minter.fail = TemporarilyUnavailable("IAM down", reason="iam_unavailable", retry_after=2)
+    resp = post(broker, exchange_form(broker.issuer.token()))
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == "2"
+    assert broker.audit()[0]["decision"] == "error"
+
+
+def test_rate_limit_per_client_ip(make_broker):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 3, "per_subject_per_minute": 0})
+    codes = [post(b, exchange_form("garbage")).status_code for _ in range(5)]
+    assert codes == [400, 400, 400, 429, 429]
+    resp = post(b, exchange_form("garbage"))
+    assert int(resp.headers["Retry-After"]) >= 1
+
+
+def test_rate_limit_per_subject_leaves_others(make_broker):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 0, "per_subject_per_minute": 2})
+    codes = [post(b, exchange_form(b.issuer.token())).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    other = b.issuer.token("team-x", "runner")
+    assert post(b, exchange_form(other, audience="batch-b")).status_code == 200
+
+
+def test_health(broker):
+    assert broker.client.get("/healthz").json == {"status": "ok"}
+    assert broker.client.get("/readyz").status_code == 200
+    assert broker.client.get("/nope").status_code == 404
+    assert broker.client.get("/v1/token").status_code == 405

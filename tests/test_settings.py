@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from broker.errors import ConfigError
+from broker.settings import load_settings, parse_duration, settings_from_mapping
+from tests.support import REPO
+
+
+def base(**over):
+    cfg = {
+        "issuers": [{"name": "a", "issuer": "https://i", "audiences": ["x"], "jwks_file": "k.json"}],
+        "gcp": {"allowed_service_accounts": ["*@p.iam.gserviceaccount.com"]},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def problems(cfg, env=None):
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping(cfg, source="b.yaml", env=env or {})
+    return "\n".join(info.value.problems)
+
+
+def test_defaults():
+    s = settings_from_mapping(base(), env={})
+    assert s.server.workers == 2 and s.server.threads == 8
+    assert s.cache.min_remaining == 300 and s.audit.retention == 30 * 86400
+    assert s.issuers[0].max_token_lifetime == 7200
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800), (5, 5)]
+)
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("cfg", "needle"),
+    [
+        (base(bogus=1), "bogus: unknown key"),
+        (base(server={"wokers": 2}), "server.wokers: unknown key"),
+        (base(server={"tls": {"cert_file": "c"}}), "server.tls: TLS termination"),
+        (base(roles={"source": "redis"}), "roles.source"),
+        (base(cache={"min_remaining": "soon"}), "cache.min_remaining"),
+        (base(issuers=[]), "issuers"),
+    ],
+)
+def test_refusals_name_the_key(cfg, needle):
+    assert needle in problems(cfg)
+
+
+def test_issuer_rules():
+    i = {"name": "a", "issuer": "https://i", "audiences": ["x"], "jwks_file": "k"}
+    assert "duplicate issuer" in problems(base(issuers=[i, dict(i, name="b")]))
+    assert "duplicate name" in problems(base(issuers=[i, dict(i, issuer="https://j")]))
+    assert "jwks_uri is not built" in problems(base(issuers=[dict(i, jwks_uri="https://x")]))
+    assert "discovery is not built" in problems(base(issuers=[dict(i, discovery=True)]))
+    assert "TokenReview" in problems(base(issuers=[dict(i, token_review={"enabled": True})]))
+    assert "exactly one of" in problems(base(issuers=[dict(i, jwks_file=None)]))
+    assert "audiences" in problems(base(issuers=[dict(i, audiences=[])]))
+
+
+def test_access_audience_must_differ_from_exchange():
+    assert "access.audience" in problems(base(access={"audience": "x"}))
+
+
+def test_iam_endpoint_rule():
+    gcp = {"allowed_service_accounts": ["*@p.iam.gserviceaccount.com"]}
+    assert "anonymous" in problems(base(gcp=dict(gcp, iam_endpoint="http://127.0.0.1:8085")))
+    assert "loopback" in problems(
+        base(gcp=dict(gcp, iam_endpoint="http://10.1.2.3:8085", credentials="anonymous"))
+    )
+    assert "emulator only" in problems(base(gcp=dict(gcp, credentials="anonymous")))
+    ok = settings_from_mapping(
+        base(gcp=dict(gcp, iam_endpoint="http://127.0.0.1:8085", credentials="anonymous")), env={}
+    )
+    assert ok.gcp.iam_endpoint.startswith("http://127.0.0.1")
+
+
+def test_env_overrides():
+    s = settings_from_mapping(
+        base(), env={"BROKER_BIND": "0.0.0.0:9000", "BROKER_REDIS_URL": "redis://r:1/2"}
+    )
+    assert s.server.bind == "0.0.0.0:9000" and s.redis.url == "redis://r:1/2"
+
+
+def test_memory_store_needs_one_worker():
+    assert "one process" in problems(base(redis={"url": "memory://"}))
+
+
+def test_example_config_is_valid(tmp_path):
+    s = load_settings(REPO / "config" / "broker.yaml", env={})
+    assert s.issuers[0].name == "prod-eu"
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text("server: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_serve_refuses_bad_config_without_traceback(tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text(yaml.safe_dump(base(server={"wokers": 3})))
+    out = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "serve", "--config", str(p)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert out.returncode == 2
+    assert str(p) in out.stderr and "server.wokers: unknown key" in out.stderr
+    assert "Traceback" not in out.stderr
