@@ -9,12 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 import redis
 from flask import Flask, Response, g
 from werkzeug.exceptions import HTTPException
 
+from broker.access import AccessControl
 from broker.audit import AuditLog
 from broker.cache import CacheKeys, TokenCache
 from broker.errors import BrokerError, ConfigError, RequestTooLarge
@@ -40,6 +41,7 @@ class Broker:
     audit: AuditLog
     exchange: TokenExchange
     limiter: RateLimiter
+    access: AccessControl
 
 
 def connect_redis(url: str) -> redis.Redis:
@@ -137,6 +139,7 @@ def create_app(
         audit=audit,
         exchange=exchange,
         limiter=limiter,
+        access=AccessControl(verifier, settings.access),
     )
     _start_fold_flusher(audit)
 
@@ -144,9 +147,11 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_bytes
     app.extensions["broker"] = broker
 
-    from broker.routes import api
+    from broker.http import health, token
 
-    app.register_blueprint(api)
+    app.register_blueprint(token.bp)
+    app.register_blueprint(health.bp)
+    app.after_request(_request_id_header)
     _register_error_handlers(app)
     return app
 
@@ -169,7 +174,7 @@ def _start_fold_flusher(audit: AuditLog) -> None:
 
 def _register_error_handlers(app: Flask) -> None:
     """The one place where errors become HTTP responses."""
-    from broker.routes import error_json
+    from broker.http import error_json
 
     @app.errorhandler(BrokerError)
     def _broker_error(exc: BrokerError) -> Response:
@@ -190,8 +195,9 @@ def _register_error_handlers(app: Flask) -> None:
         return error_json(BrokerError("internal error; see the broker's log"))
 
 
-def broker_of(app: Flask) -> Broker:
-    ext: Any = app.extensions["broker"]
-    assert isinstance(ext, Broker)
-    return ext
+def _request_id_header(resp: Response) -> Response:
+    from broker.http import request_id
+
+    resp.headers["X-Request-Id"] = request_id()
+    return resp
 

@@ -74,6 +74,8 @@ class AuditRecord:
     client_ip: str | None = None
     user_agent: str | None = None
     latency_ms: float | None = None
+    # Event-specific detail that has no field of its own (e.g. a roles.changed diff).
+    details: dict[str, Any] | None = None
     # Chain fields, filled in by the writer at append time.
     id: str | None = None
     writer: str | None = None

@@ -27,6 +27,7 @@ def cli() -> None:
 @click.option("--check", is_flag=True, help="Validate the configuration and exit.")
 def serve(config_path: str, check: bool) -> None:
     """Run the broker under gunicorn (gthread workers)."""
+    _multiprocess_metrics()
     from broker.app import check_startup
     from broker.settings import load_settings
 
@@ -42,6 +43,20 @@ def serve(config_path: str, check: bool) -> None:
     from broker.server import serve as run
 
     run(config_path, settings)
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # not imported from broker.metrics: see below
+
+
+def _multiprocess_metrics() -> None:
+    """Give gunicorn workers a shared metrics directory; must run before prometheus_client loads."""
+    import tempfile
+
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="token-broker-metrics-")
+    else:
+        for stale in Path(os.environ[MULTIPROC_ENV]).glob("*.db"):
+            stale.unlink()
 
 
 @cli.command()

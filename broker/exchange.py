@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker import metrics
 from broker.audit import AuditLog, AuditRecord, rfc3339, sha256_hex
 from broker.cache import TokenCache, cache_key
 from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
@@ -113,6 +114,7 @@ class TokenExchange:
             )
             # Fail closed: the token leaves only once its record is stored.
             stored = self._audit.append(record)
+            metrics.observe("issued", "hit" if hit else "miss", time.perf_counter() - ctx.started)
             body = token_response(token.token, int(token.expires_at - now), role.scopes)
             return ExchangeResult(body=body, audit=stored)
         except BrokerError as exc:
@@ -132,6 +134,7 @@ class TokenExchange:
         role_name: str | None,
     ) -> None:
         decision = "denied" if exc.status < 500 else "error"
+        metrics.observe(decision, exc.reason, time.perf_counter() - ctx.started)
         record = self._record(
             ctx, raw_token, identity, decision=decision, reason=exc.reason, role=role_name
         )

@@ -26,6 +26,7 @@ class BrokerServer(BaseApplication):  # type: ignore[misc]
             "keepalive": 5,
             "accesslog": None,
             "limit_request_line": 8190,
+            "child_exit": _child_exit,
         }
         self._options.update(extra or {})
         super().__init__()
@@ -38,6 +39,12 @@ class BrokerServer(BaseApplication):  # type: ignore[misc]
         from broker.app import create_app
 
         return create_app(load_settings(self._config_path))
+
+
+def _child_exit(_server: Any, worker: Any) -> None:
+    from broker.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)
 
 
 def serve(config_path: str, settings: Settings, extra: dict[str, Any] | None = None) -> None:

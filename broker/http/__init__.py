@@ -1,0 +1,57 @@
+"""Thin Flask blueprints: translate HTTP to the use cases and back. Shared helpers live here."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from flask import Response, current_app, g, request
+
+from broker.errors import BrokerError
+from broker.protocol import NO_STORE_HEADERS, error_response
+
+if TYPE_CHECKING:
+    from broker.access import Caller, Permission
+    from broker.app import Broker
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response (orjson) with optional extra headers."""
+    resp = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    for key, value in (headers or {}).items():
+        resp.headers[key] = value
+    return resp
+
+
+def error_json(exc: BrokerError) -> Response:
+    """Render any :class:`BrokerError` as the RFC 6749 error body."""
+    headers = dict(NO_STORE_HEADERS)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return json_response(error_response(exc, request_id()), exc.status, headers)
+
+
+def request_id() -> str:
+    """This request's id (also sent as ``X-Request-Id`` and stored in audit records)."""
+    rid = g.get("request_id")
+    if rid is None:
+        rid = secrets.token_hex(8)
+        g.request_id = rid
+    return str(rid)
+
+
+def broker() -> Broker:
+    """The collaborators built by :func:`broker.app.create_app` for this app."""
+    return current_app.extensions["broker"]  # type: ignore[no-any-return]
+
+
+def require(*allowed: Permission) -> Caller:
+    """Authenticate the bearer token and demand one of ``allowed`` (401 / 403 otherwise)."""
+    perms: Collection[Permission] = allowed
+    caller = broker().access.require(request.headers.get("Authorization"), perms)
+    g.caller = caller
+    return caller

@@ -1,0 +1,56 @@
+"""``POST /v1/token``: RFC 8693 token exchange."""
+
+from __future__ import annotations
+
+import orjson
+from flask import Blueprint, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from broker.errors import BrokerError, InvalidRequest, RequestTooLarge
+from broker.exchange import RequestContext
+from broker.http import broker, json_response, request_id
+from broker.protocol import NO_STORE_HEADERS, params_from_json, params_from_pairs
+from broker.ratelimit import client_ip
+
+bp = Blueprint("token", __name__)
+
+
+@bp.post("/v1/token")
+def token() -> Response:
+    b = broker()
+    ctx = RequestContext(
+        request_id=request_id(),
+        client_ip=client_ip(
+            request.remote_addr,
+            request.headers.get("X-Forwarded-For"),
+            b.settings.server.trusted_proxies,
+        ),
+        user_agent=request.headers.get("User-Agent"),
+    )
+    try:
+        params = _token_params()
+    except BrokerError as exc:
+        b.exchange.refuse(exc, ctx)
+        raise
+    result = b.exchange.run(params, ctx)
+    return json_response(result.body, 200, dict(NO_STORE_HEADERS))
+
+
+def _token_params() -> dict[str, list[str]]:
+    mimetype = request.mimetype
+    try:
+        if mimetype == "application/x-www-form-urlencoded":
+            return params_from_pairs(request.form.items(multi=True))
+        if mimetype == "application/json":
+            try:
+                return params_from_json(orjson.loads(request.get_data(cache=False)))
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest("body is not valid JSON", reason="malformed_body") from exc
+    except RequestEntityTooLarge as exc:
+        raise RequestTooLarge(
+            f"request body is larger than {request.max_content_length} bytes"
+        ) from exc
+    raise InvalidRequest(
+        "Content-Type must be application/x-www-form-urlencoded or application/json",
+        reason="unsupported_content_type",
+    )
