@@ -443,6 +443,15 @@ class Verifier:
         self._check_signature(token, issuer, alg, kid)
         return self._check_claims(claims, issuer, audiences)
 
+    def ready(self) -> bool:
+        """True while every issuer has usable keys that are not past ``jwks_max_stale``."""
+        try:
+            for issuer in self._issuers.values():
+                issuer.keys.current()
+        except InvalidSubjectToken:
+            return False
+        return True
+
     @staticmethod
     def unverified_claims(token: str) -> dict[str, object]:
         """Audit-relevant claims read WITHOUT verification (for records of refused tokens).

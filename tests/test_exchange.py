@@ -98,7 +98,7 @@ def _bad_cases(issuer):
         "unknown_kid": (issuer.token(headers={"kid": "nope"}), "invalid_request", "unknown_key"),
         "wrong_iss": (issuer.token(iss="https://evil.example"), "invalid_request", "unknown_issuer"),
         "wrong_aud": (issuer.token(audience="https://other"), "invalid_request", "wrong_audience"),
-        "missing_aud": (issuer.token(drop=("aud",)), "invalid_request", "wrong_audience"),
+        "missing_aud": (issuer.token(drop=("aud",)), "invalid_request", "claims_missing"),
         "api_server_aud": (
             issuer.token(audience="https://kubernetes.default.svc"),
             "invalid_request",
@@ -112,7 +112,7 @@ def _bad_cases(issuer):
         ),
         "nbf_future": (issuer.token(nbf=now + 3000), "invalid_request", "token_not_yet_valid"),
         "missing_exp": (issuer.token(drop=("exp",)), "invalid_request", "claims_missing"),
-        "string_exp": (issuer.token(exp=str(now + 600)), "invalid_request", "claims_missing"),
+        "string_exp": (issuer.token(exp=str(now + 600)), "invalid_request", "token_malformed"),
         "lifetime_over_cap": (issuer.token(lifetime=3 * 3600), "invalid_request", "lifetime_too_long"),
         "sub_mismatch": (
             issuer.token(sub="system:serviceaccount:other:source-controller"),
