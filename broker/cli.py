@@ -71,6 +71,78 @@ def emulator(bind: str) -> None:
 
 
 @cli.command()
+@click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
+def dev(bind: str) -> None:
+    """Run everything in one process: embedded store, IAM emulator, a local issuer."""
+    from broker import dev as devmode
+
+    try:
+        devmode.run(bind)
+    except OSError as exc:
+        click.echo(f"error: cannot serve on {bind}: {exc.strerror or exc}", err=True)
+        sys.exit(2)
+
+
+@cli.command()
+@click.option("--server", envvar="TOKEN_BROKER_SERVER", required=True,
+              help="Broker URL, e.g. https://token-broker.example.com [env TOKEN_BROKER_SERVER]")
+@click.option("--token-file", envvar="TOKEN_BROKER_TOKEN_FILE", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The subject token, e.g. a projected service-account token file "
+              "[env TOKEN_BROKER_TOKEN_FILE]")
+@click.option("--role", default=None,
+              help="Role to assume (default: the one role that admits you).")
+@click.option("--output", type=click.Choice(["token", "json"]), default="token", show_default=True)
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the broker.")
+def token(server: str, token_file: Path, role: str | None, output: str, timeout: float) -> None:
+    """Exchange a service-account token for a GCP access token and print it.
+
+    Exit codes: 0 issued; 1 refused (the broker's error is printed); 2 bad usage or unreadable
+    token file; 3 broker unreachable or temporarily unavailable (retry later).
+    """
+    import json
+
+    import requests
+
+    try:
+        subject = token_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        click.echo(f"error: cannot read {token_file}: {exc.strerror}", err=True)
+        sys.exit(2)
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+        "requested_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "subject_token": subject,
+    }
+    if role:
+        form["audience"] = role
+    url = server.rstrip("/") + "/v1/token"
+    try:
+        resp = requests.post(url, data=form, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        click.echo(f"error: cannot reach {url}: {type(exc).__name__}", err=True)
+        sys.exit(3)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    if resp.status_code == 200 and isinstance(body, dict) and "access_token" in body:
+        click.echo(json.dumps(body) if output == "json" else body["access_token"])
+        return
+    error = body.get("error", f"HTTP {resp.status_code}") if isinstance(body, dict) else "?"
+    desc = body.get("error_description", "") if isinstance(body, dict) else ""
+    rid = body.get("request_id", "") if isinstance(body, dict) else ""
+    click.echo(f"error: {error}: {desc}" + (f" (request_id {rid})" if rid else ""), err=True)
+    if resp.status_code == 429 or resp.status_code >= 500:
+        retry = resp.headers.get("Retry-After")
+        if retry:
+            click.echo(f"retry after {retry}s", err=True)
+        sys.exit(3)
+    sys.exit(1)
+
+
+@cli.command()
 def keygen() -> None:
     """Print a fresh base64 32-byte cache key (for BROKER_CACHE_KEYS)."""
     from broker.cache import CacheKeys
