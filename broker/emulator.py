@@ -45,7 +45,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 log = logging.getLogger(__name__)
 
@@ -357,9 +357,18 @@ class EmulatorServer:
         return f"EmulatorServer(url={self.url!r})"
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log: its paths include emulator tokens (/emulator/tokens/<token>)."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
 def start_emulator(host: str, port: int) -> EmulatorServer:
     """Serve the emulator on ``host:port`` (``0`` picks a free port) in a daemon thread."""
-    server = make_server(host, port, create_emulator_app(), threaded=True)
+    server = make_server(
+        host, port, create_emulator_app(), threaded=True, request_handler=_QuietHandler
+    )
     thread = threading.Thread(target=server.serve_forever, name="iam-emulator", daemon=True)
     thread.start()
     return EmulatorServer(server, thread, host)
@@ -367,7 +376,9 @@ def start_emulator(host: str, port: int) -> EmulatorServer:
 
 def serve_emulator(host: str, port: int) -> None:
     """Serve the emulator on ``host:port`` in the foreground until interrupted."""
-    server = make_server(host, port, create_emulator_app(), threaded=True)
+    server = make_server(
+        host, port, create_emulator_app(), threaded=True, request_handler=_QuietHandler
+    )
     log.info("IAM Credentials emulator listening on http://%s:%d", host, server.server_port)
     try:
         server.serve_forever()
