@@ -1,0 +1,294 @@
+"""Benchmark: the broker's cache-hit path against the web stack's own ceiling, in the same run.
+
+Starts its own redis-server, the IAM emulator, the broker under gunicorn (production worker
+settings, default config but for the client-IP rate limit: every request here comes from
+127.0.0.1), and two baselines under gunicorn with the same worker settings:
+
+  (a)  broker, cache hits, a different subject token per request (tens of thousands)
+  (b)  bare Flask: parse the same form, return a fixed JSON body
+  (b') (b) plus one Redis XADD per request
+  (c)  cold burst: N callers x K cold keys with the emulator at 100 ms
+  (d)  ratios (a)/(b) and (a)/(b')
+
+Sides alternate over several short wrk runs (gunicorn workers race to accept connections, so a
+single run can land everything on one worker); best is compared with best.
+
+    python bench/run.py [--duration 8] [--rounds 3] [--connections 32] [--tokens 30000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import requests
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+REPO = Path(__file__).resolve().parents[1]
+ISSUER = "https://bench.invalid/cluster"
+AUDIENCE = "https://token-broker.bench"
+DOMAIN = "bench-project.iam.gserviceaccount.com"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _sign_batch(args: tuple[bytes, str, int, int]) -> list[str]:
+    pem, kid, start, count = args
+    key = serialization.load_pem_private_key(pem, None)
+    now = int(time.time())
+    out = []
+    for i in range(start, start + count):
+        ns, sa = f"team-{i % 1000}", "runner"
+        claims = {
+            "iss": ISSUER, "aud": [AUDIENCE], "sub": f"system:serviceaccount:{ns}:{sa}",
+            "iat": now, "nbf": now, "exp": now + 3600, "jti": str(uuid.uuid4()),
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": str(uuid.uuid4())},
+                              "pod": {"name": f"job-{i}", "uid": str(uuid.uuid4())}},
+        }
+        out.append(jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid}))  # type: ignore[arg-type]
+    return out
+
+
+def make_tokens(key: rsa.RSAPrivateKey, kid: str, n: int) -> list[str]:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    chunk = max(1, n // 8)
+    jobs = [(pem, kid, s, min(chunk, n - s)) for s in range(0, n, chunk)]
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        return [t for batch in pool.map(_sign_batch, jobs) for t in batch]
+
+
+def write_config(tmp: Path, redis_url: str, emulator: str, bind: str, keys: int) -> Path:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    kid = "bench-" + secrets.token_hex(4)
+    jwk.update(kid=kid, alg="RS256", use="sig")
+    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    roles = [{
+        "name": "bench-team",
+        "subjects": [{"issuer": "bench", "namespace": "team-*", "service_account": "runner"}],
+        "service_account": f"bench-team@{DOMAIN}",
+        "scopes": ["https://www.googleapis.com/auth/cloud-platform"], "lifetime": "1h",
+    }]
+    for k in range(keys):
+        roles.append({
+            "name": f"burst-{k}",
+            "subjects": [{"issuer": "bench", "namespace": "burst", "service_account": "caller"}],
+            "service_account": f"burst-{k}@{DOMAIN}",
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"], "lifetime": "1h",
+        })
+    (tmp / "roles.yaml").write_text(yaml.safe_dump({"roles": roles}))
+    config = {
+        "server": {"bind": bind},  # workers/threads: the defaults (production settings)
+        "redis": {"url": redis_url},
+        "issuers": [{"name": "bench", "issuer": ISSUER, "audiences": [AUDIENCE],
+                     "jwks_file": str(tmp / "jwks.json")}],
+        "gcp": {"iam_endpoint": emulator, "credentials": "anonymous",
+                "allowed_service_accounts": [f"*@{DOMAIN}"]},
+        "roles": {"file": str(tmp / "roles.yaml")},
+        # Every request of the benchmark comes from 127.0.0.1: a per-IP limit would measure 429s.
+        "rate_limit": {"per_client_ip_per_minute": 0},
+    }
+    (tmp / "broker.yaml").write_text(yaml.safe_dump(config))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return tmp / "broker.yaml"
+
+
+def wrk(url: str, tokens: Path, duration: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s",
+         str(REPO / "bench" / "token.lua"), url],
+        capture_output=True, text=True, env={**os.environ, "BENCH_TOKENS": str(tokens)}, check=True,
+    ).stdout
+    m = re.search(r"BENCH rps=([\d.]+) p50_ms=([\d.]+) p99_ms=([\d.]+) requests=(\d+) "
+                  r"errors=(\d+) non2xx=(\d+)", out)
+    if not m:
+        raise RuntimeError(f"wrk output not understood:\n{out}")
+    keys = ("rps", "p50_ms", "p99_ms", "requests", "errors", "non2xx")
+    return dict(zip(keys, map(float, m.groups()), strict=True))
+
+
+def worker_rss_mb(master_pid: int) -> list[float]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == master_pid:
+                status = (stat.parent / "status").read_text()
+                kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+                out.append(round(kb / 1024, 1))
+    return sorted(out)
+
+
+def cold_burst(url: str, emulator: str, token: str, callers: int, keys: int) -> dict[str, Any]:
+    requests.post(f"{emulator}/emulator/faults", json={"latency_ms": 100}, timeout=5)
+    before = requests.get(f"{emulator}/emulator/stats", timeout=5).json().get("generateAccessToken", 0)
+
+    def call(i: int) -> tuple[int, str]:
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "subject_token": token, "audience": f"burst-{i % keys}"}
+        r = requests.post(f"{url}/v1/token", data=form, timeout=60)
+        return r.status_code, r.json().get("access_token", "")
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(min(callers * keys, 256)) as pool:
+        results = list(pool.map(call, range(callers * keys)))
+    elapsed = time.perf_counter() - start
+    after = requests.get(f"{emulator}/emulator/stats", timeout=5).json().get("generateAccessToken", 0)
+    requests.post(f"{emulator}/emulator/faults", json={"latency_ms": 0}, timeout=5)
+    return {
+        "requests": len(results), "seconds": round(elapsed, 2),
+        "iam_calls": after - before, "errors": sum(1 for s, _ in results if s != 200),
+        "distinct_tokens": len({t for s, t in results if s == 200}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=30000)
+    ap.add_argument("--burst-callers", type=int, default=20)
+    ap.add_argument("--burst-keys", type=int, default=10)
+    ap.add_argument("--sides", default="a,b,b'")
+    args = ap.parse_args()
+    if not shutil.which("wrk") or not shutil.which("redis-server"):
+        sys.exit("needs wrk and redis-server (Debian packages wrk, redis-server)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="tb-bench-"))
+    redis_port, emu_port, broker_port = free_port(), free_port(), free_port()
+    bare_port, xadd_port = free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    emulator = f"http://127.0.0.1:{emu_port}"
+    config = write_config(tmp, redis_url, emulator, f"127.0.0.1:{broker_port}", args.burst_keys)
+    key = serialization.load_pem_private_key((tmp / "key.pem").read_bytes(), None)
+    kid = json.loads((tmp / "jwks.json").read_text())["keys"][0]["kid"]
+    print(f"signing {args.tokens} distinct subject tokens...", file=sys.stderr)
+    tokens = make_tokens(key, kid, args.tokens)  # type: ignore[arg-type]
+    token_file = tmp / "tokens.txt"
+    token_file.write_text("\n".join(tokens) + "\n")
+    burst_token = _sign_batch((((tmp / "key.pem").read_bytes()), kid, 0, 1))[0]
+    burst_token = jwt.encode(
+        {**jwt.decode(burst_token, options={"verify_signature": False}),
+         "sub": "system:serviceaccount:burst:caller",
+         "kubernetes.io": {"namespace": "burst", "serviceaccount": {"name": "caller", "uid": "u"}}},
+        key, algorithm="RS256", headers={"kid": kid})  # type: ignore[arg-type]
+
+    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    env = {"BROKER_CACHE_KEYS": base64.b64encode(os.urandom(32)).decode(),
+           "BROKER_AUDIT_SIGNING_KEY": base64.b64encode(signing).decode(),
+           "BENCH_REDIS_URL": redis_url}
+    gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "8",
+                "--keep-alive", "5", "--log-level", "warning"]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no"], tmp / "redis.log"))
+        stack.enter_context(process([sys.executable, "-m", "broker.cli", "emulator", "--bind",
+                                     f"127.0.0.1:{emu_port}"], tmp / "emulator.log"))
+        broker = stack.enter_context(process([sys.executable, "-m", "broker.cli", "serve", "--config",
+                                              str(config)], tmp / "broker.log", env))
+        stack.enter_context(process([*gunicorn, "-b", f"127.0.0.1:{bare_port}",
+                                     "bench.baseline_app:create('bare')"], tmp / "bare.log", env))
+        stack.enter_context(process([*gunicorn, "-b", f"127.0.0.1:{xadd_port}",
+                                     "bench.baseline_app:create('xadd')"], tmp / "xadd.log", env))
+        urls = {"a": f"http://127.0.0.1:{broker_port}", "b": f"http://127.0.0.1:{bare_port}",
+                "b'": f"http://127.0.0.1:{xadd_port}"}
+        for url in urls.values():
+            wait_http(f"{url}/healthz" if url == urls["a"] else url)
+        warm = requests.post(f"{urls['a']}/v1/token", timeout=30, data={
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "subject_token": tokens[0], "audience": "bench-team"})
+        if warm.status_code != 200:
+            sys.exit(f"broker warm-up failed: {warm.status_code} {warm.text}")
+
+        sides = args.sides.split(",")
+        runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
+        rss: list[list[float]] = [worker_rss_mb(broker.pid)]
+        for r in range(args.rounds):
+            order = sides[r % len(sides):] + sides[: r % len(sides)]
+            for side in order:
+                result = wrk(urls[side], token_file, args.duration, args.connections)
+                runs[side].append(result)
+                print(f"round {r + 1} {side:>2}: {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms"
+                      f"  p99 {result['p99_ms']:.2f} ms  non-2xx {int(result['non2xx'])}", file=sys.stderr)
+            rss.append(worker_rss_mb(broker.pid))
+        burst = cold_burst(urls["a"], emulator, burst_token, args.burst_callers, args.burst_keys)
+        rss.append(worker_rss_mb(broker.pid))
+
+    best = {s: max(v, key=lambda x: x["rps"]) for s, v in runs.items()}
+    print("\n== token-broker benchmark (best of %d runs of %ds, wrk -t1 -c%d, %d distinct tokens) =="
+          % (args.rounds, args.duration, args.connections, args.tokens))
+    labels = {"a": "(a)  broker cache hit", "b": "(b)  bare Flask+gunicorn", "b'": "(b') (b) + XADD"}
+    for s in sides:
+        b = best[s]
+        print(f"{labels[s]:<28} {b['rps']:8.0f} req/s   p50 {b['p50_ms']:6.2f} ms   "
+              f"p99 {b['p99_ms']:6.2f} ms   non-2xx {int(b['non2xx'])}")
+    if "a" in best:
+        for s in ("b", "b'"):
+            if s in best:
+                print(f"(d)  (a)/{s:<3} = {best['a']['rps'] / best[s]['rps']:.2f}")
+    print(f"(c)  cold burst: {burst['requests']} requests ({args.burst_callers} callers x "
+          f"{args.burst_keys} cold keys, IAM at 100 ms): {burst['seconds']} s, IAM calls "
+          f"{burst['iam_calls']} (expected {args.burst_keys}), errors {burst['errors']}, "
+          f"distinct tokens {burst['distinct_tokens']}")
+    print(f"RSS per broker worker (MB) at start, after each round, after the burst: {rss}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
