@@ -37,7 +37,9 @@ def create(mode: str = "bare") -> Flask:
         if form.get("grant_type") is None or form.get("subject_token") is None:
             return Response(b'{"error":"invalid_request"}', status=400, mimetype="application/json")
         if client is not None:
-            client.xadd("bench:audit", {"r": form["subject_token"][-16:]}, maxlen=100000, approximate=True)
+            client.xadd(
+                "bench:audit", {"r": form["subject_token"][-16:]}, maxlen=100000, approximate=True
+            )
         resp = Response(BODY, mimetype="application/json")
         resp.headers["Cache-Control"] = "no-store"
         resp.headers["Pragma"] = "no-cache"

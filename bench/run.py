@@ -67,10 +67,18 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         try:
             yield proc
         finally:
@@ -90,18 +98,27 @@ def _sign_batch(args: tuple[bytes, str, int, int]) -> list[str]:
     for i in range(start, start + count):
         ns, sa = f"team-{i % 1000}", "runner"
         claims = {
-            "iss": ISSUER, "aud": [AUDIENCE], "sub": f"system:serviceaccount:{ns}:{sa}",
-            "iat": now, "nbf": now, "exp": now + 3600, "jti": str(uuid.uuid4()),
-            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": str(uuid.uuid4())},
-                              "pod": {"name": f"job-{i}", "uid": str(uuid.uuid4())}},
+            "iss": ISSUER,
+            "aud": [AUDIENCE],
+            "sub": f"system:serviceaccount:{ns}:{sa}",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "jti": str(uuid.uuid4()),
+            "kubernetes.io": {
+                "namespace": ns,
+                "serviceaccount": {"name": sa, "uid": str(uuid.uuid4())},
+                "pod": {"name": f"job-{i}", "uid": str(uuid.uuid4())},
+            },
         }
         out.append(jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid}))  # type: ignore[arg-type]
     return out
 
 
 def make_tokens(key: rsa.RSAPrivateKey, kid: str, n: int) -> list[str]:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     chunk = max(1, n // 8)
     jobs = [(pem, kid, s, min(chunk, n - s)) for s in range(0, n, chunk)]
     with concurrent.futures.ProcessPoolExecutor(2) as pool:
@@ -114,45 +131,81 @@ def write_config(tmp: Path, redis_url: str, emulator: str, bind: str, keys: int)
     kid = "bench-" + secrets.token_hex(4)
     jwk.update(kid=kid, alg="RS256", use="sig")
     (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-    roles = [{
-        "name": "bench-team",
-        "subjects": [{"issuer": "bench", "namespace": "team-*", "service_account": "runner"}],
-        "service_account": f"bench-team@{DOMAIN}",
-        "scopes": ["https://www.googleapis.com/auth/cloud-platform"], "lifetime": "1h",
-    }]
+    roles = [
+        {
+            "name": "bench-team",
+            "subjects": [{"issuer": "bench", "namespace": "team-*", "service_account": "runner"}],
+            "service_account": f"bench-team@{DOMAIN}",
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+            "lifetime": "1h",
+        }
+    ]
     for k in range(keys):
-        roles.append({
-            "name": f"burst-{k}",
-            "subjects": [{"issuer": "bench", "namespace": "burst", "service_account": "caller"}],
-            "service_account": f"burst-{k}@{DOMAIN}",
-            "scopes": ["https://www.googleapis.com/auth/cloud-platform"], "lifetime": "1h",
-        })
+        roles.append(
+            {
+                "name": f"burst-{k}",
+                "subjects": [
+                    {"issuer": "bench", "namespace": "burst", "service_account": "caller"}
+                ],
+                "service_account": f"burst-{k}@{DOMAIN}",
+                "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+                "lifetime": "1h",
+            }
+        )
     (tmp / "roles.yaml").write_text(yaml.safe_dump({"roles": roles}))
     config = {
         "server": {"bind": bind},  # workers/threads: the defaults (production settings)
         "redis": {"url": redis_url},
-        "issuers": [{"name": "bench", "issuer": ISSUER, "audiences": [AUDIENCE],
-                     "jwks_file": str(tmp / "jwks.json")}],
-        "gcp": {"iam_endpoint": emulator, "credentials": "anonymous",
-                "allowed_service_accounts": [f"*@{DOMAIN}"]},
+        "issuers": [
+            {
+                "name": "bench",
+                "issuer": ISSUER,
+                "audiences": [AUDIENCE],
+                "jwks_file": str(tmp / "jwks.json"),
+            }
+        ],
+        "gcp": {
+            "iam_endpoint": emulator,
+            "credentials": "anonymous",
+            "allowed_service_accounts": [f"*@{DOMAIN}"],
+        },
         "roles": {"file": str(tmp / "roles.yaml")},
         # Every request of the benchmark comes from 127.0.0.1: a per-IP limit would measure 429s.
         "rate_limit": {"per_client_ip_per_minute": 0},
     }
     (tmp / "broker.yaml").write_text(yaml.safe_dump(config))
-    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return tmp / "broker.yaml"
 
 
 def wrk(url: str, tokens: Path, duration: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s",
-         str(REPO / "bench" / "token.lua"), url],
-        capture_output=True, text=True, env={**os.environ, "BENCH_TOKENS": str(tokens)}, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(REPO / "bench" / "token.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BENCH_TOKENS": str(tokens)},
+        check=True,
     ).stdout
-    m = re.search(r"BENCH rps=([\d.]+) p50_ms=([\d.]+) p99_ms=([\d.]+) requests=(\d+) "
-                  r"errors=(\d+) non2xx=(\d+)", out)
+    m = re.search(
+        r"BENCH rps=([\d.]+) p50_ms=([\d.]+) p99_ms=([\d.]+) requests=(\d+) "
+        r"errors=(\d+) non2xx=(\d+)",
+        out,
+    )
     if not m:
         raise RuntimeError(f"wrk output not understood:\n{out}")
     keys = ("rps", "p50_ms", "p99_ms", "requests", "errors", "non2xx")
@@ -173,12 +226,17 @@ def worker_rss_mb(master_pid: int) -> list[float]:
 
 def cold_burst(url: str, emulator: str, token: str, callers: int, keys: int) -> dict[str, Any]:
     requests.post(f"{emulator}/emulator/faults", json={"latency_ms": 100}, timeout=5)
-    before = requests.get(f"{emulator}/emulator/stats", timeout=5).json().get("generateAccessToken", 0)
+    before = (
+        requests.get(f"{emulator}/emulator/stats", timeout=5).json().get("generateAccessToken", 0)
+    )
 
     def call(i: int) -> tuple[int, str]:
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-                "subject_token": token, "audience": f"burst-{i % keys}"}
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "subject_token": token,
+            "audience": f"burst-{i % keys}",
+        }
         r = requests.post(f"{url}/v1/token", data=form, timeout=60)
         return r.status_code, r.json().get("access_token", "")
 
@@ -186,17 +244,23 @@ def cold_burst(url: str, emulator: str, token: str, callers: int, keys: int) -> 
     with concurrent.futures.ThreadPoolExecutor(min(callers * keys, 256)) as pool:
         results = list(pool.map(call, range(callers * keys)))
     elapsed = time.perf_counter() - start
-    after = requests.get(f"{emulator}/emulator/stats", timeout=5).json().get("generateAccessToken", 0)
+    after = (
+        requests.get(f"{emulator}/emulator/stats", timeout=5).json().get("generateAccessToken", 0)
+    )
     requests.post(f"{emulator}/emulator/faults", json={"latency_ms": 0}, timeout=5)
     return {
-        "requests": len(results), "seconds": round(elapsed, 2),
-        "iam_calls": after - before, "errors": sum(1 for s, _ in results if s != 200),
+        "requests": len(results),
+        "seconds": round(elapsed, 2),
+        "iam_calls": after - before,
+        "errors": sum(1 for s, _ in results if s != 200),
         "distinct_tokens": len({t for s, t in results if s == 200}),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
@@ -222,37 +286,103 @@ def main() -> None:
     token_file.write_text("\n".join(tokens) + "\n")
     burst_token = _sign_batch((((tmp / "key.pem").read_bytes()), kid, 0, 1))[0]
     burst_token = jwt.encode(
-        {**jwt.decode(burst_token, options={"verify_signature": False}),
-         "sub": "system:serviceaccount:burst:caller",
-         "kubernetes.io": {"namespace": "burst", "serviceaccount": {"name": "caller", "uid": "u"}}},
-        key, algorithm="RS256", headers={"kid": kid})  # type: ignore[arg-type]
+        {
+            **jwt.decode(burst_token, options={"verify_signature": False}),
+            "sub": "system:serviceaccount:burst:caller",
+            "kubernetes.io": {
+                "namespace": "burst",
+                "serviceaccount": {"name": "caller", "uid": "u"},
+            },
+        },
+        key,
+        algorithm="RS256",
+        headers={"kid": kid},
+    )  # type: ignore[arg-type]
 
     signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    env = {"BROKER_CACHE_KEYS": base64.b64encode(os.urandom(32)).decode(),
-           "BROKER_AUDIT_SIGNING_KEY": base64.b64encode(signing).decode(),
-           "BENCH_REDIS_URL": redis_url}
-    gunicorn = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "2", "--threads", "8",
-                "--keep-alive", "5", "--log-level", "warning"]
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    env = {
+        "BROKER_CACHE_KEYS": base64.b64encode(os.urandom(32)).decode(),
+        "BROKER_AUDIT_SIGNING_KEY": base64.b64encode(signing).decode(),
+        "BENCH_REDIS_URL": redis_url,
+    }
+    gunicorn = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "gthread",
+        "-w",
+        "2",
+        "--threads",
+        "8",
+        "--keep-alive",
+        "5",
+        "--log-level",
+        "warning",
+    ]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                     "--save", "", "--appendonly", "no"], tmp / "redis.log"))
-        stack.enter_context(process([sys.executable, "-m", "broker.cli", "emulator", "--bind",
-                                     f"127.0.0.1:{emu_port}"], tmp / "emulator.log"))
-        broker = stack.enter_context(process([sys.executable, "-m", "broker.cli", "serve", "--config",
-                                              str(config)], tmp / "broker.log", env))
-        stack.enter_context(process([*gunicorn, "-b", f"127.0.0.1:{bare_port}",
-                                     "bench.baseline_app:create('bare')"], tmp / "bare.log", env))
-        stack.enter_context(process([*gunicorn, "-b", f"127.0.0.1:{xadd_port}",
-                                     "bench.baseline_app:create('xadd')"], tmp / "xadd.log", env))
-        urls = {"a": f"http://127.0.0.1:{broker_port}", "b": f"http://127.0.0.1:{bare_port}",
-                "b'": f"http://127.0.0.1:{xadd_port}"}
+        stack.enter_context(
+            process(
+                [
+                    "redis-server",
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                tmp / "redis.log",
+            )
+        )
+        stack.enter_context(
+            process(
+                [sys.executable, "-m", "broker.cli", "emulator", "--bind", f"127.0.0.1:{emu_port}"],
+                tmp / "emulator.log",
+            )
+        )
+        broker = stack.enter_context(
+            process(
+                [sys.executable, "-m", "broker.cli", "serve", "--config", str(config)],
+                tmp / "broker.log",
+                env,
+            )
+        )
+        stack.enter_context(
+            process(
+                [*gunicorn, "-b", f"127.0.0.1:{bare_port}", "bench.baseline_app:create('bare')"],
+                tmp / "bare.log",
+                env,
+            )
+        )
+        stack.enter_context(
+            process(
+                [*gunicorn, "-b", f"127.0.0.1:{xadd_port}", "bench.baseline_app:create('xadd')"],
+                tmp / "xadd.log",
+                env,
+            )
+        )
+        urls = {
+            "a": f"http://127.0.0.1:{broker_port}",
+            "b": f"http://127.0.0.1:{bare_port}",
+            "b'": f"http://127.0.0.1:{xadd_port}",
+        }
         for url in urls.values():
             wait_http(f"{url}/healthz" if url == urls["a"] else url)
-        warm = requests.post(f"{urls['a']}/v1/token", timeout=30, data={
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "subject_token": tokens[0], "audience": "bench-team"})
+        warm = requests.post(
+            f"{urls['a']}/v1/token",
+            timeout=30,
+            data={
+                "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "subject_token": tokens[0],
+                "audience": "bench-team",
+            },
+        )
         if warm.status_code != 200:
             sys.exit(f"broker warm-up failed: {warm.status_code} {warm.text}")
 
@@ -260,32 +390,46 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
         rss: list[list[float]] = [worker_rss_mb(broker.pid)]
         for r in range(args.rounds):
-            order = sides[r % len(sides):] + sides[: r % len(sides)]
+            order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order:
                 result = wrk(urls[side], token_file, args.duration, args.connections)
                 runs[side].append(result)
-                print(f"round {r + 1} {side:>2}: {result['rps']:8.0f} req/s  p50 {result['p50_ms']:.2f} ms"
-                      f"  p99 {result['p99_ms']:.2f} ms  non-2xx {int(result['non2xx'])}", file=sys.stderr)
+                print(
+                    f"round {r + 1} {side:>2}: {result['rps']:8.0f} req/s"
+                    f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
+                    f"  non-2xx {int(result['non2xx'])}",
+                    file=sys.stderr,
+                )
             rss.append(worker_rss_mb(broker.pid))
         burst = cold_burst(urls["a"], emulator, burst_token, args.burst_callers, args.burst_keys)
         rss.append(worker_rss_mb(broker.pid))
 
     best = {s: max(v, key=lambda x: x["rps"]) for s, v in runs.items()}
-    print("\n== token-broker benchmark (best of %d runs of %ds, wrk -t1 -c%d, %d distinct tokens) =="
-          % (args.rounds, args.duration, args.connections, args.tokens))
-    labels = {"a": "(a)  broker cache hit", "b": "(b)  bare Flask+gunicorn", "b'": "(b') (b) + XADD"}
+    print(
+        f"\n== token-broker benchmark (best of {args.rounds} runs of {args.duration}s, "
+        f"wrk -t1 -c{args.connections}, {args.tokens} distinct tokens) =="
+    )
+    labels = {
+        "a": "(a)  broker cache hit",
+        "b": "(b)  bare Flask+gunicorn",
+        "b'": "(b') (b) + XADD",
+    }
     for s in sides:
         b = best[s]
-        print(f"{labels[s]:<28} {b['rps']:8.0f} req/s   p50 {b['p50_ms']:6.2f} ms   "
-              f"p99 {b['p99_ms']:6.2f} ms   non-2xx {int(b['non2xx'])}")
+        print(
+            f"{labels[s]:<28} {b['rps']:8.0f} req/s   p50 {b['p50_ms']:6.2f} ms   "
+            f"p99 {b['p99_ms']:6.2f} ms   non-2xx {int(b['non2xx'])}"
+        )
     if "a" in best:
         for s in ("b", "b'"):
             if s in best:
                 print(f"(d)  (a)/{s:<3} = {best['a']['rps'] / best[s]['rps']:.2f}")
-    print(f"(c)  cold burst: {burst['requests']} requests ({args.burst_callers} callers x "
-          f"{args.burst_keys} cold keys, IAM at 100 ms): {burst['seconds']} s, IAM calls "
-          f"{burst['iam_calls']} (expected {args.burst_keys}), errors {burst['errors']}, "
-          f"distinct tokens {burst['distinct_tokens']}")
+    print(
+        f"(c)  cold burst: {burst['requests']} requests ({args.burst_callers} callers x "
+        f"{args.burst_keys} cold keys, IAM at 100 ms): {burst['seconds']} s, IAM calls "
+        f"{burst['iam_calls']} (expected {args.burst_keys}), errors {burst['errors']}, "
+        f"distinct tokens {burst['distinct_tokens']}"
+    )
     print(f"RSS per broker worker (MB) at start, after each round, after the burst: {rss}")
     shutil.rmtree(tmp, ignore_errors=True)
 
