@@ -6,6 +6,15 @@ from each issuer's ``jwks_file`` (a JWKS document, or PEM public keys / X.509 ce
 kube-apiserver's ``--service-account-key-file`` takes them). The file is stat-ed at most every
 ``min(jwks_refresh, 5 s)`` and re-parsed only when it changed; a file that turns bad keeps the
 last good keys until ``jwks_max_stale``.
+
+Keys from a ``jwks_uri``, or from the ``jwks_uri`` that ``discovery: true`` finds in the issuer's
+OpenID configuration, are fetched by :mod:`broker.jwks_fetch` lazily, on first use (nothing
+connects while the app is built, so an unreachable endpoint never stops a start: the verifier
+is just not :meth:`Verifier.ready` until keys arrive). They are refetched every
+``jwks_refresh`` by one thread while the others keep verifying with the current keys, and on
+an unknown ``kid`` at most every :data:`UNKNOWN_KID_COOLDOWN_S` per issuer. Each fetch
+replaces the whole key set, so a key removed at the endpoint stops verifying after the next
+refresh. While the endpoint fails, the last fetched keys are trusted until ``jwks_max_stale``.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography import x509
@@ -32,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from broker.errors import ConfigError, InvalidSubjectToken
+from broker.jwks_fetch import TOTAL_TIMEOUT_S, FetchError, KeyFetcher
 from broker.model import WorkloadIdentity
 from broker.settings import API_SERVER_AUDIENCES, IssuerSettings
 
@@ -60,6 +70,9 @@ MAX_TOKEN_BYTES = 16 * 1024
 LEEWAY_S = 60.0
 MAX_STAT_INTERVAL_S = 5.0
 MIN_RSA_BITS = 2048
+UNKNOWN_KID_COOLDOWN_S = 30.0  # at most one refetch per issuer this often for unknown kids
+MAX_RETRY_S = 30.0  # after a failed fetch, retry after 1, 2, 4 ... up to this many seconds
+_FETCH_WAIT_S = 2 * TOTAL_TIMEOUT_S + 5  # discovery + JWKS: how long a caller may wait on them
 
 _RSA_ALGS = ("RS256", "RS384", "RS512", "PS256")
 _EC_ALGS = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384")}
@@ -240,19 +253,46 @@ def load_keys(data: bytes) -> tuple[_KeySet, list[str]]:
     problems: list[str] = []
     text = data.lstrip()
     if text[:1] in (b"{", b"["):
-        try:
-            doc = json.loads(text, parse_constant=_no_constants)
-        except ValueError as exc:
-            raise ValueError(f"not valid JSON: {exc}") from exc
-        keys = _keys_from_jwks(doc, problems)
+        keys = _keys_from_jwks(_json(text), problems)
     elif b"-----BEGIN " in text:
         keys = _keys_from_pem(text, problems)
     else:
         raise ValueError("neither a JWKS (JSON) nor PEM public keys / certificates")
+    return _usable_keys(keys, problems), problems
+
+
+def load_jwks(data: bytes) -> tuple[_KeySet, list[str]]:
+    """Parse a JWKS document (JSON only: what a ``jwks_uri`` serves), as :func:`load_keys`.
+
+    Raises ValueError when it is not a JWKS or holds no usable key.
+    """
+    problems: list[str] = []
+    keys = _keys_from_jwks(_json(data), problems)
+    return _usable_keys(keys, problems), problems
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data, parse_constant=_no_constants)
+    except RecursionError as exc:  # deeply nested arrays from a hostile endpoint
+        raise ValueError("not valid JSON: nested too deeply") from exc
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from exc
+
+
+def _usable_keys(keys: list[_Key], problems: list[str]) -> _KeySet:
     if not keys:
         detail = "; ".join(problems) if problems else "empty"
         raise ValueError(f"no usable public key ({detail})")
-    return _KeySet.of(keys), problems
+    return _KeySet.of(keys)
+
+
+class _KeyProvider(Protocol):
+    def current(self, *, wait: bool = True) -> _KeySet:
+        """The keys to verify with now (refreshing when due); raise unknown_key if none."""
+
+    def refetch_for_unknown_kid(self, seen: _KeySet) -> _KeySet | None:
+        """Newer keys than ``seen`` (fetched now unless in cooldown), or None."""
 
 
 class _KeySource:
@@ -285,8 +325,9 @@ class _KeySource:
         except (OSError, ValueError) as exc:
             raise ConfigError(str(path), [f"issuers[{name}].jwks_file: {_describe(exc)}"]) from exc
 
-    def current(self) -> _KeySet:
+    def current(self, *, wait: bool = True) -> _KeySet:
         """The keys to verify with now; refuses (unknown_key) when they are too stale."""
+        del wait  # a stat is quick: always done inline
         now = self._clock()
         if not 0 <= now - self._checked_at < self._interval_s:
             with self._lock:
@@ -299,6 +340,11 @@ class _KeySource:
                 f"since {_when(self._good_at)} ({self._problem or 'unknown problem'})",
             )
         return self._keys
+
+    def refetch_for_unknown_kid(self, seen: _KeySet) -> _KeySet | None:
+        """Never: the file is already re-checked every few seconds."""
+        del seen
+        return None
 
     def _stat(self) -> tuple[int, ...]:
         st = os.stat(self._path)
@@ -361,13 +407,159 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
+class _RemoteKeySource:
+    """An issuer's keys fetched over HTTP(S): from ``jwks_uri``, or the one discovery names.
+
+    Nothing is fetched until keys are first needed. When a refresh is due, one thread fetches
+    while the others keep the current keys; only while there are no usable keys (none yet, or
+    stale) do callers wait for the fetch in progress (bounded). A failed fetch is retried
+    after 1, 2, 4 ... :data:`MAX_RETRY_S` seconds, so an endpoint that is down is not hammered
+    by traffic.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        jwks_uri: str | None,
+        discover_from: str | None,
+        fetcher: KeyFetcher,
+        refresh_s: float,
+        max_stale_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._name = name
+        self._jwks_uri = jwks_uri
+        self._discover_from = discover_from
+        self._fetcher = fetcher
+        # Refresh no later than max_stale, so a healthy endpoint never lets keys go stale.
+        self._refresh_s = min(refresh_s, max_stale_s)
+        self._max_stale_s = max_stale_s
+        self._clock = clock
+        self._lock = threading.Lock()  # held by the one thread that fetches
+        # The keys in hand and when they were fetched: one attribute, read without the lock.
+        self._fetched: tuple[_KeySet, float] | None = None
+        self._attempt_at = -math.inf  # when the last fetch (good or not) started
+        self._wait_s = 0.0  # after _attempt_at, the next scheduled fetch is due
+        self._failures = 0
+        self._problem: str | None = None
+        self._logged: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def current(self, *, wait: bool = True) -> _KeySet:
+        """The keys to verify with now, fetched first if due; unknown_key when none or stale.
+
+        ``wait`` False (the readiness probe) never waits for another thread's fetch; otherwise
+        a caller waits for one only when the keys in hand are absent or stale.
+        """
+        now = self._clock()
+        fetched = self._fetched
+        usable = fetched is not None and now - fetched[1] <= self._max_stale_s
+        # Without usable keys, also wait out a fetch that another thread has already started.
+        if self._due(now) or (wait and not usable):
+            blocking = wait and not usable
+            if self._lock.acquire(blocking, _FETCH_WAIT_S if blocking else -1):
+                try:
+                    now = self._clock()
+                    if self._due(now):
+                        self._fetch(now)
+                finally:
+                    self._lock.release()
+        return self._usable(self._clock())
+
+    def refetch_for_unknown_kid(self, seen: _KeySet) -> _KeySet | None:
+        """Keys newer than ``seen``: fetched now unless the issuer is in its cooldown."""
+        if not self._lock.acquire(timeout=_FETCH_WAIT_S):
+            return None
+        try:
+            if self._fetched is not None and self._fetched[0] is not seen:
+                return self._fetched[0]  # another thread fetched while this one waited
+            now = self._clock()
+            if 0 <= now - self._attempt_at < UNKNOWN_KID_COOLDOWN_S:
+                return None
+            self._fetch(now)
+            return self._fetched[0] if self._fetched and self._fetched[0] is not seen else None
+        finally:
+            self._lock.release()
+
+    def _due(self, now: float) -> bool:
+        # A clock that went backwards makes a fetch due, rather than postponing it for long.
+        return not 0 <= now - self._attempt_at < self._wait_s
+
+    def _usable(self, now: float) -> _KeySet:
+        fetched = self._fetched
+        if fetched is None:
+            raise _fail(
+                "unknown_key",
+                f"the keys of issuer {self._name!r} are unavailable: they could not be "
+                f"fetched yet ({self._problem or 'no fetch has completed'})",
+            )
+        keys, good_at = fetched
+        if now - good_at > self._max_stale_s:
+            raise _fail(
+                "unknown_key",
+                f"the keys of issuer {self._name!r} are stale: last fetched at {_when(good_at)}, "
+                f"over jwks_max_stale ago, and fetching fails ({self._problem or 'unknown'})",
+            )
+        return keys
+
+    def _fetch(self, now: float) -> None:
+        self._attempt_at = now
+        uri = self._jwks_uri
+        try:
+            if uri is None:
+                assert self._discover_from is not None
+                uri = self._fetcher.discover_jwks_uri(self._discover_from)
+            body = self._fetcher.get(uri)
+            try:
+                keys, problems = load_jwks(body)
+            except ValueError as exc:
+                raise FetchError(f"GET {uri}: {exc}") from exc
+        except FetchError as exc:
+            self._failures += 1
+            self._wait_s = min(2.0 ** (self._failures - 1), MAX_RETRY_S, self._refresh_s)
+            self._note_problem(str(exc))
+            return
+        self._fetched, self._failures = (keys, now), 0
+        self._wait_s = self._refresh_s
+        self._note_problem(None)
+        kids = tuple(k.kid for k in keys.keys)
+        if self._logged != (kids, tuple(problems)):
+            self._logged = (kids, tuple(problems))
+            for problem in problems:
+                log.warning("issuer %s: %s: %s", self._name, uri, problem)
+            log.info(
+                "issuer %s: fetched %d key(s) from %s (kids %s)",
+                self._name,
+                len(kids),
+                uri,
+                ", ".join(kids),
+            )
+
+    def _note_problem(self, problem: str | None) -> None:
+        if problem == self._problem:
+            return
+        if problem is None:
+            log.info("issuer %s: keys can be fetched again", self._name)
+        elif self._fetched is None:
+            log.warning("issuer %s: fetching keys failed: %s; not ready", self._name, problem)
+        else:
+            log.warning(
+                "issuer %s: fetching keys failed: %s; keeping the last fetched keys for up to "
+                "%.0f s after they were fetched",
+                self._name,
+                problem,
+                self._max_stale_s,
+            )
+        self._problem = problem
+
+
 # --------------------------------------------------------------------------- verification
 
 
 @dataclass(frozen=True, slots=True)
 class _Issuer:
     settings: IssuerSettings
-    keys: _KeySource
+    keys: _KeyProvider
     api_server_audiences: frozenset[str]
 
 
@@ -380,22 +572,38 @@ class Verifier:
         *,
         resolve_path: Callable[[str], Path] = Path,
         clock: Callable[[], float] = time.time,
+        fetcher: KeyFetcher | None = None,
     ) -> None:
-        """Load every issuer's keys now; raise :class:`ConfigError` if a key file is unusable."""
+        """Load every issuer's key file now; raise :class:`ConfigError` if one is unusable.
+
+        Keys from a ``jwks_uri`` or discovery are fetched on first use, through ``fetcher``
+        (default: :class:`~broker.jwks_fetch.KeyFetcher` trusting the environment's CA bundle).
+        """
         self._clock = clock
         self._issuers: dict[str, _Issuer] = {}
         for s in issuers:
-            if s.jwks_file is None:
-                raise ConfigError(f"issuers[{s.name}]", ["only jwks_file is supported for now"])
             if s.issuer in self._issuers:
                 raise ConfigError(f"issuers[{s.name}]", [f"duplicate issuer {s.issuer!r}"])
-            source = _KeySource(
-                s.name,
-                resolve_path(s.jwks_file),
-                interval_s=min(s.jwks_refresh, MAX_STAT_INTERVAL_S),
-                max_stale_s=s.jwks_max_stale,
-                clock=clock,
-            )
+            source: _KeyProvider
+            if s.jwks_file is not None:
+                source = _KeySource(
+                    s.name,
+                    resolve_path(s.jwks_file),
+                    interval_s=min(s.jwks_refresh, MAX_STAT_INTERVAL_S),
+                    max_stale_s=s.jwks_max_stale,
+                    clock=clock,
+                )
+            else:
+                fetcher = fetcher or KeyFetcher()
+                source = _RemoteKeySource(
+                    s.name,
+                    jwks_uri=s.jwks_uri,
+                    discover_from=s.issuer if s.discovery else None,
+                    fetcher=fetcher,
+                    refresh_s=s.jwks_refresh,
+                    max_stale_s=s.jwks_max_stale,
+                    clock=clock,
+                )
             api = frozenset((*API_SERVER_AUDIENCES, s.issuer))
             self._issuers[s.issuer] = _Issuer(s, source, api)
 
@@ -444,10 +652,14 @@ class Verifier:
         return self._check_claims(claims, issuer, audiences)
 
     def ready(self) -> bool:
-        """True while every issuer has usable keys that are not past ``jwks_max_stale``."""
+        """True while every issuer has usable keys that are not past ``jwks_max_stale``.
+
+        Fetches keys that are due (so the readiness probe loads them before traffic comes),
+        but never waits for a fetch another thread is making.
+        """
         try:
             for issuer in self._issuers.values():
-                issuer.keys.current()
+                issuer.keys.current(wait=False)
         except InvalidSubjectToken:
             return False
         return True
@@ -495,6 +707,9 @@ class Verifier:
     def _check_signature(self, token: str, issuer: _Issuer, alg: str, kid: str | None) -> None:
         name = issuer.settings.name
         keyset = issuer.keys.current()
+        if kid is not None and kid not in keyset.by_kid:
+            # The issuer may have rotated since the last refresh (rate-limited per issuer).
+            keyset = issuer.keys.refetch_for_unknown_kid(keyset) or keyset
         by_kid = keyset.by_kid.get(kid, ()) if kid is not None else ()
         if by_kid:
             candidates = [k.by_alg[alg] for k in by_kid if alg in k.by_alg]

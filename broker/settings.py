@@ -151,16 +151,10 @@ class IssuerSettings(_Model):
 
     @field_validator("jwks_uri")
     @classmethod
-    def _jwks_uri_not_built(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError("jwks_uri is not built yet; use jwks_file")
-        return v
-
-    @field_validator("discovery")
-    @classmethod
-    def _discovery_not_built(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("discovery is not built yet; use jwks_file")
+    def _jwks_uri(cls, v: str | None) -> str | None:
+        problem = None if v is None else key_url_problem(v)
+        if problem:
+            raise ValueError(f"jwks_uri {problem}")
         return v
 
     @model_validator(mode="after")
@@ -168,6 +162,9 @@ class IssuerSettings(_Model):
         sources = [s for s in (self.jwks_file, self.jwks_uri, self.discovery or None) if s]
         if len(sources) != 1:
             raise ValueError("exactly one of jwks_file, jwks_uri, discovery: true is required")
+        problem = key_url_problem(self.issuer) if self.discovery else None
+        if problem:
+            raise ValueError(f"discovery: true fetches from the issuer, but issuer {problem}")
         if self.jwks_refresh < 1:
             raise ValueError("jwks_refresh must be at least 1s")
         if self.max_token_lifetime <= 0:
@@ -203,15 +200,22 @@ class GcpSettings(_Model):
 
 
 class RolesSettings(_Model):
+    """``file``: roles.yaml, read-only, hot reload. ``redis``: edited through the API, each
+    version MACed with the key in env ``mac_key_env`` (base64, >= 32 bytes; comma-separated
+    for rotation, the first signs), which Redis never sees."""
+
     source: Literal["file", "redis"] = "file"
     file: str = "config/roles.yaml"
+    mac_key_env: str = Field("BROKER_ROLES_MAC_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-    @field_validator("source")
-    @classmethod
-    def _not_built(cls, v: str) -> str:
-        if v == "redis":
-            raise ValueError("roles.source: redis is not built yet; use file")
-        return v
+    @model_validator(mode="after")
+    def _no_ignored_keys(self) -> RolesSettings:
+        # A setting is never silently ignored: each key belongs to one source.
+        if self.source == "redis" and "file" in self.model_fields_set:
+            raise ValueError("roles.file is read only with source: file (remove it)")
+        if self.source == "file" and "mac_key_env" in self.model_fields_set:
+            raise ValueError("roles.mac_key_env is used only with source: redis (remove it)")
+        return self
 
 
 class CacheSettings(_Model):
@@ -225,6 +229,21 @@ class AuditSettings(_Model):
     signing_key_env: str = "BROKER_AUDIT_SIGNING_KEY"
     checkpoint_every: int = Field(100, ge=1)
     stdout: bool = True
+    # Public keys (PEM or base64 raw 32 bytes) of retired signing keys, so the checkpoints they
+    # signed still verify after a rotation (docs/audit.md). Public: not secret.
+    previous_public_keys: tuple[str, ...] = ()
+
+    @field_validator("previous_public_keys")
+    @classmethod
+    def _public_keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from broker.signing import parse_public_key
+
+        for i, text in enumerate(v):
+            try:
+                parse_public_key(text, source=f"previous_public_keys[{i}]")
+            except ConfigError as exc:
+                raise ValueError(f"[{i}]: {'; '.join(exc.problems)}") from None
+        return v
 
 
 class RateLimitSettings(_Model):
@@ -274,6 +293,22 @@ class Settings(_Model):
         """Resolve a configured path relative to the directory the broker was started in."""
         path = Path(p)
         return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+def key_url_problem(url: str) -> str | None:
+    """Why keys may not be fetched from ``url`` (https, or http to loopback only), else None."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        return "must not carry credentials (user:password@)"  # and the URL is not echoed
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return f"{url!r} has an invalid port"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http(s) URL"
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        return f"{url!r} uses plain http, allowed only to a loopback address; use https"
+    return None
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 import broker.identity as identity_module
 from broker.errors import ConfigError, InvalidSubjectToken
-from broker.identity import MAX_TOKEN_BYTES, REASONS, Verifier, key_id, load_keys
+from broker.identity import MAX_TOKEN_BYTES, REASONS, Verifier, key_id, load_jwks, load_keys
+from broker.jwks_fetch import FetchError, KeyFetcher
 from broker.settings import API_SERVER_AUDIENCES, IssuerSettings
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "k8s-tokens"
@@ -983,3 +985,391 @@ def test_unverified_claims_of_fixtures() -> None:
 )
 def test_unverified_claims_never_raises(token: Any) -> None:
     assert Verifier.unverified_claims(token) == {}
+
+
+# --------------------------------------------------------------------------- keys over HTTP
+# The network is faked here (a KeyFetcher whose get() reads a dict); the real HTTPS client,
+# its rules and the end-to-end path are in tests/integration/test_discovery.py.
+
+JWKS_URI = "https://k8s.test.example/openid/v1/jwks"
+DISCOVERY = f"{ISS}/.well-known/openid-configuration"
+
+
+class FakeEndpoint(KeyFetcher):
+    """URL → JSON document, bytes, or an exception; every GET counted, optionally held."""
+
+    def __init__(self) -> None:
+        super().__init__(env={})
+        self.docs: dict[str, Any] = {}
+        self.gets: list[str] = []
+        self.hold: threading.Event | None = None  # set: GETs wait for it
+        self.entered = threading.Event()
+
+    def get(self, url: str) -> bytes:
+        self.gets.append(url)
+        self.entered.set()
+        if self.hold is not None:
+            assert self.hold.wait(10)
+        doc = self.docs.get(url)
+        if doc is None:
+            raise FetchError(f"GET {url}: ConnectionError: connection refused")
+        if isinstance(doc, Exception):
+            raise doc
+        return doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+
+    def count(self, url: str = JWKS_URI) -> int:
+        return self.gets.count(url)
+
+
+@pytest.fixture
+def endpoint(rsa_key: Any) -> FakeEndpoint:
+    ep = FakeEndpoint()
+    ep.docs[JWKS_URI] = {"keys": [jwk(rsa_key, "k1")]}
+    ep.docs[DISCOVERY] = {"issuer": ISS, "jwks_uri": JWKS_URI}
+    return ep
+
+
+@pytest.fixture
+def remote(endpoint: FakeEndpoint, clock: Clock):
+    def remote(**kw: Any) -> Verifier:
+        base: dict[str, Any] = {"name": "test", "issuer": ISS, "audiences": (AUD,)}
+        if "discovery" not in kw:
+            base["jwks_uri"] = JWKS_URI
+        return Verifier([IssuerSettings(**{**base, **kw})], clock=clock, fetcher=endpoint)
+
+    return remote
+
+
+def fresh(private: Any, clock: Clock, kid: str | None = "k1") -> str:
+    """A token valid at the clock's current time (tests below move the clock by hours)."""
+    now = int(clock.now)
+    return sign(private, claims(iat=now - 60, nbf=now - 60, exp=now + 3000), kid=kid)
+
+
+def test_remote_keys_are_fetched_on_first_use_then_reused(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote()
+    assert endpoint.gets == []  # building the verifier (create_app) connects to nothing
+    for _ in range(20):
+        assert verifier.verify(fresh(rsa_key, clock)).namespace == "flux-system"
+    assert verifier.ready()
+    assert endpoint.gets == [JWKS_URI]
+
+
+def test_discovery_finds_the_jwks_uri(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote(discovery=True)
+    assert verifier.verify(fresh(rsa_key, clock)).service_account == "source-controller"
+    assert endpoint.gets == [DISCOVERY, JWKS_URI]
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragments"),
+    [
+        ({"issuer": ISS + "/", "jwks_uri": JWKS_URI}, ("is not the configured issuer",)),
+        ({"issuer": "https://evil.example", "jwks_uri": JWKS_URI}, ("evil.example",)),
+        ({"issuer": ISS}, ("has no jwks_uri",)),
+        ({"issuer": ISS, "jwks_uri": "https://evil.example/jwks"}, ("not on the issuer's host",)),
+        ({"issuer": ISS, "jwks_uri": "https://k8s.test.example.evil.com/"}, ("issuer's host",)),
+        ({"issuer": ISS, "jwks_uri": "https://k8s.test.example:8443/k"}, ("issuer's host",)),
+        ({"issuer": ISS, "jwks_uri": "http://k8s.test.example/j"}, ("plain http",)),
+        ([ISS], ("not a JSON object",)),
+        (b"<html>", ("not JSON",)),
+    ],
+)
+def test_discovery_document_is_checked(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any, doc: Any, fragments: tuple[str, ...]
+) -> None:
+    endpoint.docs[DISCOVERY] = doc
+    verifier = remote(discovery=True)
+    refused(verifier, fresh(rsa_key, clock), "unknown_key", "unavailable", *fragments)
+    assert endpoint.count() == 0  # the keys named by a refused document are never fetched
+    assert not verifier.ready()
+
+
+def test_remote_rotation_new_key_by_unknown_kid_removed_key_at_refresh(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any, rsa_key2: Any
+) -> None:
+    verifier = remote(jwks_refresh="5m")
+    assert verifier.verify(fresh(rsa_key, clock, "k1"))
+    endpoint.docs[JWKS_URI] = {"keys": [jwk(rsa_key, "k1"), jwk(rsa_key2, "k2")]}
+    # k2 is unknown, but the last fetch is less than 30 s old: no refetch yet.
+    refused(verifier, fresh(rsa_key2, clock, "k2"), "unknown_key", "'k2'")
+    assert endpoint.count() == 1
+    clock.now += identity_module.UNKNOWN_KID_COOLDOWN_S
+    assert verifier.verify(fresh(rsa_key2, clock, "k2"))  # refetched for the unknown kid
+    assert endpoint.count() == 2
+
+    endpoint.docs[JWKS_URI] = {"keys": [jwk(rsa_key2, "k2")]}  # k1 retired at the issuer
+    clock.now += 299
+    assert verifier.verify(fresh(rsa_key, clock, "k1"))  # until the next refresh
+    assert endpoint.count() == 2
+    clock.now += 1
+    refused(verifier, fresh(rsa_key, clock, "k1"), "unknown_key", "'k1'")
+    assert verifier.verify(fresh(rsa_key2, clock, "k2"))
+    assert endpoint.count() == 3
+
+
+def test_same_kid_new_key_after_refresh(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any, rsa_key2: Any
+) -> None:
+    verifier = remote(jwks_refresh="1m")
+    assert verifier.verify(fresh(rsa_key, clock))
+    endpoint.docs[JWKS_URI] = {"keys": [jwk(rsa_key2, "k1")]}
+    clock.now += 60
+    refused(verifier, fresh(rsa_key, clock), "bad_signature")
+    assert verifier.verify(fresh(rsa_key2, clock))
+
+
+def test_unknown_kid_flood_fetches_at_most_once_per_cooldown(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote(jwks_refresh="1h")
+    assert verifier.verify(fresh(rsa_key, clock))
+    assert endpoint.count() == 1
+    for round_ in range(3):
+        clock.now += identity_module.UNKNOWN_KID_COOLDOWN_S
+        for _ in range(50):
+            refused(verifier, fresh(rsa_key, clock, os.urandom(8).hex()), "unknown_key")
+            clock.now += 0.5  # the whole flood spans 25 s: still one cooldown
+        assert endpoint.count() == 2 + round_
+    assert verifier.verify(fresh(rsa_key, clock))  # the known kid never needed a fetch
+
+
+def test_concurrent_unknown_kid_flood_makes_one_fetch(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote()
+    assert verifier.verify(fresh(rsa_key, clock))
+    clock.now += identity_module.UNKNOWN_KID_COOLDOWN_S
+    endpoint.hold = threading.Event()
+    endpoint.entered.clear()
+    tokens = [fresh(rsa_key, clock, os.urandom(8).hex()) for _ in range(50)]
+    reasons: list[str] = []
+
+    def attempt(token: str) -> None:
+        try:
+            verifier.verify(token)
+        except InvalidSubjectToken as exc:
+            reasons.append(exc.reason)
+
+    threads = [threading.Thread(target=attempt, args=(t,)) for t in tokens]
+    for t in threads:
+        t.start()
+    assert endpoint.entered.wait(10)
+    endpoint.hold.set()
+    for t in threads:
+        t.join(10)
+    assert reasons == ["unknown_key"] * 50
+    assert endpoint.count() == 2
+
+
+def test_one_thread_refreshes_while_the_others_use_current_keys(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote(jwks_refresh="1m")
+    assert verifier.verify(fresh(rsa_key, clock))
+    clock.now += 60
+    endpoint.hold = threading.Event()
+    endpoint.entered.clear()
+    refresher = threading.Thread(target=verifier.verify, args=(fresh(rsa_key, clock),))
+    refresher.start()
+    try:
+        assert endpoint.entered.wait(10)  # that thread is now inside the (held) fetch
+        for _ in range(10):  # these neither wait for it nor start another fetch
+            assert verifier.verify(fresh(rsa_key, clock))
+        assert verifier.ready()
+        assert endpoint.count() == 2
+    finally:
+        endpoint.hold.set()
+        refresher.join(10)
+    assert endpoint.count() == 2
+
+
+def test_first_requests_wait_for_the_first_fetch(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote()
+    endpoint.hold = threading.Event()
+    first = threading.Thread(target=verifier.verify, args=(fresh(rsa_key, clock),))
+    first.start()
+    try:
+        assert endpoint.entered.wait(10)  # the first fetch is in progress (held)
+        release = threading.Timer(0.2, endpoint.hold.set)
+        release.start()
+        assert verifier.verify(fresh(rsa_key, clock))  # waited for it, then used its keys
+        release.join(10)
+    finally:
+        endpoint.hold.set()
+        first.join(10)
+    assert endpoint.count() == 1
+
+
+def test_after_a_long_idle_callers_wait_for_the_refresh_instead_of_refusing(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote(jwks_refresh="5m", jwks_max_stale="1h")
+    assert verifier.verify(fresh(rsa_key, clock))
+    clock.now += 2 * 3600  # no traffic for two hours: the keys in hand are stale
+    endpoint.hold = threading.Event()
+    endpoint.entered.clear()
+    first = threading.Thread(target=verifier.verify, args=(fresh(rsa_key, clock),))
+    first.start()
+    try:
+        assert endpoint.entered.wait(10)  # that thread is refreshing (held)
+        release = threading.Timer(0.2, endpoint.hold.set)
+        release.start()
+        assert verifier.verify(fresh(rsa_key, clock))  # waits for it rather than "stale"
+        release.join(10)
+    finally:
+        endpoint.hold.set()
+        first.join(10)
+    assert endpoint.count() == 2
+
+
+def test_endpoint_down_keys_trusted_until_max_stale(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = remote(jwks_refresh="5m", jwks_max_stale="1h")
+    assert verifier.verify(fresh(rsa_key, clock))
+    working = endpoint.docs.pop(JWKS_URI)  # the endpoint goes down
+    with caplog.at_level(logging.WARNING, logger="broker.identity"):
+        clock.now += 300
+        assert verifier.verify(fresh(rsa_key, clock))  # refresh failed, current keys kept
+    assert "connection refused" in caplog.text and "keeping the last fetched keys" in caplog.text
+    attempts = endpoint.count()
+    for _ in range(100):  # traffic does not turn into fetches: retries back off
+        assert verifier.verify(fresh(rsa_key, clock))
+    assert endpoint.count() == attempts
+    clock.now += 3600 - 300  # exactly max_stale since the last good fetch
+    assert verifier.verify(fresh(rsa_key, clock))
+    assert verifier.ready()
+    clock.now += 1
+    description = refused(verifier, fresh(rsa_key, clock), "unknown_key", "stale", "'test'")
+    assert "connection refused" in description
+    assert not verifier.ready()
+
+    endpoint.docs[JWKS_URI] = working  # back up: the next retry (at most 30 s away) recovers
+    clock.now += identity_module.MAX_RETRY_S
+    assert verifier.verify(fresh(rsa_key, clock))
+    assert verifier.ready()
+
+
+def test_failed_fetches_back_off_then_refresh_resumes(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote(jwks_refresh="5m")
+    assert verifier.verify(fresh(rsa_key, clock))
+    working = endpoint.docs.pop(JWKS_URI)
+    clock.now += 300
+    gaps = []
+    last = clock.now
+    for _ in range(600):  # ten minutes, a request every second
+        before = endpoint.count()
+        verifier.verify(fresh(rsa_key, clock))
+        if endpoint.count() > before:
+            gaps.append(clock.now - last)
+            last = clock.now
+        clock.now += 1
+    assert gaps[:7] == [0, 1, 2, 4, 8, 16, 30]
+    assert set(gaps[7:]) == {30}
+    endpoint.docs[JWKS_URI] = working
+    clock.now += 30
+    verifier.verify(fresh(rsa_key, clock))
+    n = endpoint.count()
+    clock.now += 299
+    verifier.verify(fresh(rsa_key, clock))
+    assert endpoint.count() == n  # healthy again: back to jwks_refresh
+
+
+def test_unreachable_at_start_starts_not_ready_then_recovers(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    working = endpoint.docs.pop(JWKS_URI)
+    verifier = remote()  # does not raise: the process starts, not ready
+    assert not verifier.ready()
+    assert endpoint.count() == 1  # the readiness probe tried
+    refused(verifier, fresh(rsa_key, clock), "unknown_key", "unavailable", "connection refused")
+    assert endpoint.count() == 1  # in the 1 s back-off: refused without another fetch
+    endpoint.docs[JWKS_URI] = working
+    clock.now += 1
+    assert verifier.ready()
+    assert endpoint.count() == 2
+    assert verifier.verify(fresh(rsa_key, clock))
+
+
+def test_readiness_never_waits_for_the_first_fetch(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote()
+    endpoint.hold = threading.Event()
+    first = threading.Thread(target=verifier.ready)
+    first.start()
+    try:
+        assert endpoint.entered.wait(10)
+        assert not verifier.ready()  # returns at once while the fetch is in progress
+    finally:
+        endpoint.hold.set()
+        first.join(10)
+    assert verifier.ready() and endpoint.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ({"keys": []}, "no usable public key"),
+        ({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, "no usable public key"),
+        ({"issuer": ISS}, "not a JWKS"),
+    ],
+)
+def test_unusable_jwks_from_the_endpoint(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any, body: Any, fragment: str
+) -> None:
+    endpoint.docs[JWKS_URI] = body
+    verifier = remote()
+    refused(verifier, fresh(rsa_key, clock), "unknown_key", "unavailable", JWKS_URI, fragment)
+
+
+def test_bad_jwks_at_refresh_keeps_the_current_keys(
+    remote, endpoint: FakeEndpoint, clock: Clock, rsa_key: Any
+) -> None:
+    verifier = remote(jwks_refresh="1m")
+    assert verifier.verify(fresh(rsa_key, clock))
+    endpoint.docs[JWKS_URI] = {"keys": []}  # a broken publish must not wipe the keys
+    clock.now += 60
+    assert verifier.verify(fresh(rsa_key, clock))
+    assert endpoint.count() == 2
+
+
+def test_load_jwks_accepts_json_only(rsa_key: Any) -> None:
+    keys, problems = load_jwks(json.dumps({"keys": [jwk(rsa_key, "k1")]}).encode())
+    assert [k.kid for k in keys.keys] == ["k1"] and problems == []
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_jwks(pem(rsa_key))
+    assert load_keys(pem(rsa_key))[0].keys  # a jwks_file may hold PEM; a jwks_uri may not
+
+
+def test_one_issuer_down_does_not_affect_another(
+    endpoint: FakeEndpoint, clock: Clock, jwks_path: Path, rsa_key: Any
+) -> None:
+    verifier = Verifier(
+        [
+            IssuerSettings(name="file", issuer=ISS, audiences=(AUD,), jwks_file=str(jwks_path)),
+            IssuerSettings(
+                name="remote", issuer="https://other.example", audiences=(AUD,), jwks_uri=JWKS_URI
+            ),
+        ],
+        clock=clock,
+        fetcher=endpoint,
+    )
+    endpoint.docs.pop(JWKS_URI)
+    assert verifier.verify(fresh(rsa_key, clock)).issuer_name == "file"
+    assert endpoint.gets == []  # the file issuer's tokens never fetch the other's keys
+    now = int(clock.now)
+    other = sign(rsa_key, claims(iss="https://other.example", iat=now, nbf=now, exp=now + 60))
+    refused(verifier, other, "unknown_key", "'remote'", "unavailable")
+    assert not verifier.ready()

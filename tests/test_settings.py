@@ -47,7 +47,7 @@ def test_durations(value, seconds):
         (base(bogus=1), "bogus: unknown key"),
         (base(server={"wokers": 2}), "server.wokers: unknown key"),
         (base(server={"tls": {"cert_file": "c"}}), "server.tls: TLS termination"),
-        (base(roles={"source": "redis"}), "roles.source"),
+        (base(roles={"source": "redis", "file": "r.yaml"}), "roles.file is read only"),
         (base(cache={"min_remaining": "soon"}), "cache.min_remaining"),
         (base(issuers=[]), "issuers"),
     ],
@@ -60,11 +60,59 @@ def test_issuer_rules():
     i = {"name": "a", "issuer": "https://i", "audiences": ["x"], "jwks_file": "k"}
     assert "duplicate issuer" in problems(base(issuers=[i, dict(i, name="b")]))
     assert "duplicate name" in problems(base(issuers=[i, dict(i, issuer="https://j")]))
-    assert "jwks_uri is not built" in problems(base(issuers=[dict(i, jwks_uri="https://x")]))
-    assert "discovery is not built" in problems(base(issuers=[dict(i, discovery=True)]))
+    assert "exactly one of" in problems(base(issuers=[dict(i, jwks_uri="https://x")]))
+    assert "exactly one of" in problems(base(issuers=[dict(i, discovery=True)]))
     assert "TokenReview" in problems(base(issuers=[dict(i, token_review={"enabled": True})]))
     assert "exactly one of" in problems(base(issuers=[dict(i, jwks_file=None)]))
     assert "audiences" in problems(base(issuers=[dict(i, audiences=[])]))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://keys.example.com/jwks",
+        "https://keys.example.com:8443/openid/v1/jwks",
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://[::1]:9000/jwks",
+    ],
+)
+def test_jwks_uri_accepted(uri):
+    i = {"name": "a", "issuer": "https://i", "audiences": ["x"], "jwks_uri": uri}
+    s = settings_from_mapping(base(issuers=[i]), env={})
+    assert s.issuers[0].jwks_uri == uri and s.issuers[0].jwks_file is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "needle"),
+    [
+        ("http://keys.example.com/jwks", "plain http, allowed only to a loopback address"),
+        ("http://10.0.0.1/jwks", "plain http, allowed only to a loopback address"),
+        ("http://127.0.0.1.nip.io/jwks", "plain http, allowed only to a loopback address"),
+        ("ftp://keys.example.com/jwks", "not an http(s) URL"),
+        ("keys.example.com/jwks", "not an http(s) URL"),
+        ("https://keys.example.com:99999/jwks", "invalid port"),
+        ("https://user:s3cret@keys.example.com/jwks", "must not carry credentials"),
+    ],
+)
+def test_jwks_uri_refused(uri, needle):
+    i = {"name": "a", "issuer": "https://i", "audiences": ["x"], "jwks_uri": uri}
+    text = problems(base(issuers=[i]))
+    assert "issuers.0.jwks_uri" in text and needle in text
+    assert "s3cret" not in text
+
+
+def test_discovery_needs_a_fetchable_issuer():
+    i = {"name": "a", "issuer": "https://i.example", "audiences": ["x"], "discovery": True}
+    assert settings_from_mapping(base(issuers=[i]), env={}).issuers[0].discovery is True
+    local = dict(i, issuer="http://127.0.0.1:8443/clusters/c")
+    assert settings_from_mapping(base(issuers=[local]), env={}).issuers[0].discovery is True
+    text = problems(base(issuers=[dict(i, issuer="http://k8s.example/cluster")]))
+    assert "discovery: true" in text and "plain http" in text
+    # Kubernetes' default issuer is not a URL: it can only use jwks_file or jwks_uri.
+    assert "not an http(s) URL" in problems(
+        base(issuers=[dict(i, issuer="kubernetes/serviceaccount")])
+    )
 
 
 def test_access_audience_must_differ_from_exchange():
