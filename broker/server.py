@@ -27,6 +27,8 @@ class BrokerServer(BaseApplication):  # type: ignore[misc]
             "accesslog": None,
             "limit_request_line": 8190,
             "child_exit": _child_exit,
+            # gunicorn's control socket would need a writable $HOME/$XDG_RUNTIME_DIR; unused here.
+            "control_socket_disable": True,
         }
         self._options.update(extra or {})
         super().__init__()
