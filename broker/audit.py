@@ -1,47 +1,63 @@
 """Audit trail: one record per request, stored in Redis before any token leaves (DESIGN.md §5).
 
-Records go to a Redis stream (``{prefix}audit:events``) and, as a witness outside Redis, one JSON
-line each on stdout. Every worker process is a *writer* with its own SHA-256 hash chain
-(``writer``, ``seq``, ``prev``, ``hash``). Identical denials (same client, reason and token
-fingerprint) within one second are folded into a single record with a ``count``.
+Every worker process is a *writer* with its own SHA-256 hash chain (``writer``, ``seq``,
+``prev``, ``hash``; see :mod:`broker.auditchain`) in its own Redis stream (layout in
+:mod:`broker.auditstore`). An in-process lock assigns seq/prev/hash; the record then goes to Redis
+in one round trip (one XADD, or one MULTI/EXEC when a checkpoint rides along), so a chain never
+forks. Every ``checkpoint_every`` records, or ``checkpoint_interval_s`` after the first unsealed
+one, the writer appends an ``audit.checkpoint`` record whose Ed25519 signature seals its head; a
+writer that stops appends a final one. Every record, checkpoints included, also goes to stdout
+as one JSON line: the witness outside Redis (``stored: false`` when Redis did not acknowledge).
+Identical denials (same client, reason and token fingerprint) within one second are folded into
+a single record with a ``count``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
+import re
 import secrets
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
 import redis
 
+from broker.auditchain import (
+    CHECKPOINT_EVENT,
+    GENESIS,
+    chain_hash,
+    checkpoint_message,
+    is_checkpoint,
+    record_id,
+    rfc3339,
+    sha256_hex,
+)
+from broker.auditstore import AuditStore
 from broker.errors import StoreUnavailable
+from broker.signing import SigningKey
+
+__all__ = [
+    "GENESIS",
+    "AuditLog",
+    "AuditRecord",
+    "chain_hash",
+    "rfc3339",
+    "sha256_hex",
+]
 
 log = logging.getLogger(__name__)
 
 FOLD_WINDOW_S = 1.0
-RETENTION_TRIM_EVERY_S = 60.0
-GENESIS = "0" * 64
-
-
-def sha256_hex(value: str | bytes) -> str:
-    """Fingerprint of a secret: what audit records store instead of the secret itself."""
-    data = value.encode() if isinstance(value, str) else value
-    return hashlib.sha256(data).hexdigest()
-
-
-def rfc3339(ts: float) -> str:
-    """UTC RFC 3339 with milliseconds, e.g. ``2026-11-26T05:39:23.123Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+CHECKPOINT_INTERVAL_S = 5.0
+RETENTION_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +65,9 @@ class AuditRecord:
     """One audit event. Field names are contract (DESIGN.md §5). Never holds a token."""
 
     time: str
-    request_id: str
+    request_id: str | None  # None for records no request caused (checkpoints)
     event: str
-    decision: str  # issued | denied | error
+    decision: str | None  # issued | denied | error; None where no decision applies
     reason: str
     count: int = 1
     subject_verified: bool = False
@@ -74,7 +90,7 @@ class AuditRecord:
     client_ip: str | None = None
     user_agent: str | None = None
     latency_ms: float | None = None
-    # Event-specific detail that has no field of its own (e.g. a roles.changed diff).
+    # Event-specific detail that has no field of its own (e.g. a checkpoint's signature).
     details: dict[str, Any] | None = None
     # Chain fields, filled in by the writer at append time.
     id: str | None = None
@@ -87,10 +103,10 @@ class AuditRecord:
         return dataclasses.asdict(self)
 
 
-def chain_hash(record: dict[str, Any]) -> str:
-    """SHA-256 over the canonical JSON of the record without ``hash`` and ``id`` (``prev`` in)."""
-    body = {k: v for k, v in record.items() if k not in ("hash", "id", "stored")}
-    return sha256_hex(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+def new_writer_id() -> str:
+    """Unique per process: host (the pod name in Kubernetes), pid, and randomness for restarts."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass
@@ -101,7 +117,8 @@ class _Fold:
 
 
 class AuditLog:
-    """Appends records to Redis (and stdout); folds identical denials."""
+    """Appends chained records to Redis (and stdout), seals them with checkpoints, folds
+    identical denials and applies retention."""
 
     def __init__(
         self,
@@ -113,25 +130,41 @@ class AuditLog:
         out: IO[str] | None = None,
         writer: str | None = None,
         clock: Callable[[], float] = time.time,
+        signer: SigningKey | None = None,
+        checkpoint_every: int = 100,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
     ) -> None:
+        """``signer`` None disables checkpoints (tools and tests only: such a chain never
+        verifies as sealed); :func:`broker.app.create_app` always passes one."""
         self._redis = client
-        self._stream = f"{prefix}audit:events"
+        self.store = AuditStore(client, prefix=prefix)
         self._retention_s = retention_s
         self._stdout = stdout
         self._out = out
         self._clock = clock
-        # A writer is one process; pid alone could repeat across hosts/restarts.
-        self.writer = writer or f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._signer = signer
+        self._every = checkpoint_every
+        self._interval = checkpoint_interval_s
         self._lock = threading.Lock()  # serialises seq/prev so each writer's chain is linear
-        self._seq = 0
-        self._prev = GENESIS
-        self._last_trim = 0.0
+        self._start_chain(writer or new_writer_id())
+        self._last_retention = clock()
         self._folds: dict[tuple[str, str, str], _Fold] = {}
         self._folds_lock = threading.Lock()
 
+    def _start_chain(self, writer: str) -> None:
+        self.writer = writer
+        self._seq = 0
+        self._prev = GENESIS
+        self._unsealed = 0  # records since the last checkpoint
+        self._unsealed_since: float | None = None
+        self._uncertain: list[dict[str, Any]] | None = None  # sent, not acknowledged
+        self._registered = False
+
     @property
-    def stream(self) -> str:
-        return self._stream
+    def chain_key(self) -> str:
+        return self.store.keys.chain(self.writer)
+
+    # -- appending -----------------------------------------------------------------------------
 
     def append(self, record: AuditRecord) -> dict[str, Any]:
         """Store ``record`` (chained) in Redis and echo it on stdout; return what was stored.
@@ -141,23 +174,129 @@ class AuditLog:
         """
         with self._lock:
             body = record.to_dict()
-            body["writer"] = self.writer
-            body["seq"] = self._seq + 1
-            body["prev"] = self._prev
-            body["hash"] = chain_hash(body)
-            try:
-                entry_id = self._redis.xadd(self._stream, {"r": orjson.dumps(body)})
-            except redis.RedisError as exc:
-                self._emit(dict(body, stored=False))
-                raise StoreUnavailable(
-                    "the audit log is unavailable; nothing was issued", retry_after=1
-                ) from exc
-            self._seq += 1
-            self._prev = body["hash"]
-        body["id"] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        self._emit(body)
-        self._maybe_trim()
+            self._recover_locked(body)
+            body = self._chain(body, self._seq + 1, self._prev)
+            bodies = [body]
+            if self._signer is not None and self._unsealed + 1 >= self._every:
+                bodies.append(self._checkpoint_body(body["seq"] + 1, body["hash"], final=False))
+            self._store_locked(bodies)
         return body
+
+    def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
+        """Seal the chain's head now; None when there is nothing to seal (or no signer).
+
+        A ``final`` checkpoint ends this writer's chain; records appended later start a new
+        writer. Raises :class:`StoreUnavailable`.
+        """
+        with self._lock:
+            if self._signer is None:
+                return None
+            self._recover_locked(None)
+            if self._seq == 0 or (not final and self._unsealed == 0):
+                return None
+            body = self._checkpoint_body(self._seq + 1, self._prev, final=final)
+            self._store_locked([body])
+            if final:
+                self._start_chain(new_writer_id())
+        return body
+
+    def _chain(self, body: dict[str, Any], seq: int, prev: str) -> dict[str, Any]:
+        body["writer"] = self.writer
+        body["seq"] = seq
+        body["prev"] = prev
+        body["id"] = None
+        body["hash"] = chain_hash(body)
+        return body
+
+    def _checkpoint_body(self, seq: int, prev: str, *, final: bool) -> dict[str, Any]:
+        signer = self._signer
+        assert signer is not None
+        now = rfc3339(self._clock())
+        kind = "final" if final else "checkpoint"
+        message = checkpoint_message(
+            writer=self.writer, seq=seq, prev=prev, time=now, key_id=signer.key_id, final=final
+        )
+        record = AuditRecord(
+            time=now,
+            request_id=None,
+            event=CHECKPOINT_EVENT,
+            decision=None,
+            reason=kind,
+            details={
+                "key_id": signer.key_id,
+                "signature": signer.sign(message),
+                "final": final,
+                "records": self._unsealed + (0 if prev == self._prev else 1),
+            },
+        )
+        return self._chain(record.to_dict(), seq, prev)
+
+    def _store_locked(self, bodies: list[dict[str, Any]]) -> None:
+        key = self.chain_key
+        payloads = [orjson.dumps({k: v for k, v in b.items() if k != "id"}) for b in bodies]
+        try:
+            if len(bodies) == 1 and not is_checkpoint(bodies[0]):
+                ids = [self._redis.xadd(key, {"r": payloads[0]})]
+            else:
+                # One round trip, atomic: the records and, with a checkpoint, the sealed state.
+                pipe = self._redis.pipeline(transaction=True)
+                for p in payloads:
+                    pipe.xadd(key, {"r": p})
+                last_cp = next((b for b in reversed(bodies) if is_checkpoint(b)), None)
+                if last_cp is not None:
+                    pipe.set(self.store.keys.sealed(self.writer), orjson.dumps(_sealed(last_cp)))
+                ids = pipe.execute()[: len(bodies)]
+        except redis.RedisError as exc:
+            # Maybe stored, maybe not (a lost reply): the next append looks before chaining on.
+            self._uncertain = bodies
+            for b in bodies:
+                self._emit(dict(b, stored=False))
+            raise StoreUnavailable(
+                "the audit log is unavailable; nothing was issued", retry_after=1
+            ) from exc
+        self._commit_locked(bodies, [i.decode() if isinstance(i, bytes) else str(i) for i in ids])
+
+    def _commit_locked(self, bodies: list[dict[str, Any]], entry_ids: list[str]) -> None:
+        for b, entry_id in zip(bodies, entry_ids, strict=True):
+            b["id"] = record_id(self.writer, entry_id)
+            self._seq, self._prev = b["seq"], b["hash"]
+            if is_checkpoint(b):
+                self._unsealed, self._unsealed_since = 0, None
+            else:
+                self._unsealed += 1
+                if self._unsealed_since is None:
+                    self._unsealed_since = self._clock()
+            self._emit(b)
+        if not self._registered:
+            info = {"started": rfc3339(self._clock()), "host": socket.gethostname()[:64],
+                    "pid": os.getpid()}
+            try:
+                self._redis.hset(self.store.keys.writers, self.writer, orjson.dumps(info))
+                self._registered = True
+            except redis.RedisError:
+                log.warning("audit writer %s not registered yet; will retry", self.writer)
+
+    def _recover_locked(self, pending: dict[str, Any] | None) -> None:
+        """After a failed store, learn whether Redis has the records after all (lost reply)."""
+        if self._uncertain is None:
+            return
+        uncertain = self._uncertain
+        try:
+            tail = self.store.tail(self.writer, len(uncertain))
+        except redis.RedisError as exc:
+            if pending is not None:
+                self._emit(dict(pending, writer=self.writer, stored=False))
+            raise StoreUnavailable(
+                "the audit log is unavailable; nothing was issued", retry_after=1
+            ) from exc
+        self._uncertain = None
+        entries = list(reversed(tail))
+        if len(entries) == len(uncertain) and all(
+            rec.get("hash") == b["hash"] for (_, rec), b in zip(entries, uncertain, strict=True)
+        ):
+            self._commit_locked(uncertain, [e for e, _ in entries])
+
+    # -- denials -------------------------------------------------------------------------------
 
     def append_denial(self, record: AuditRecord, fold_key: tuple[str, str, str]) -> None:
         """Append a denial, folding repeats of ``fold_key`` within one second into a count."""
@@ -196,6 +335,43 @@ class AuditLog:
         except StoreUnavailable:
             log.warning("audit record not stored (Redis unavailable); written to stdout only")
 
+    # -- background ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Periodic work (call about twice a second): close fold windows, seal a head that has
+        waited ``checkpoint_interval_s``, and now and then apply retention."""
+        self.flush_folds()
+        now = self._clock()
+        since = self._unsealed_since
+        if since is not None and now - since >= self._interval:
+            try:
+                self.checkpoint()
+            except StoreUnavailable:
+                log.warning("audit checkpoint not stored (Redis unavailable); will retry")
+        if now - self._last_retention >= RETENTION_EVERY_S:
+            self._last_retention = now
+            self.apply_retention()
+
+    def apply_retention(self) -> int:
+        """Trim every chain by age at checkpoint boundaries (one process a minute does it)."""
+        try:
+            if not self.store.try_lock_retention(self.writer, RETENTION_EVERY_S * 0.9):
+                return 0
+            return self.store.apply_retention(now=self._clock(), retention_s=self._retention_s)
+        except redis.RedisError:
+            log.warning("audit retention failed; will retry")
+            return 0
+
+    def close(self) -> None:
+        """At shutdown: write pending fold counts and the final checkpoint."""
+        self.flush_folds(force=True)
+        try:
+            self.checkpoint(final=True)
+        except StoreUnavailable:
+            log.warning("final audit checkpoint not stored (Redis unavailable); see stdout")
+
+    # -- output and reading --------------------------------------------------------------------
+
     def _emit(self, body: dict[str, Any]) -> None:
         if not self._stdout:
             return
@@ -203,26 +379,28 @@ class AuditLog:
         out.write(orjson.dumps({"audit": body}).decode() + "\n")
         out.flush()
 
-    def _maybe_trim(self) -> None:
-        now = self._clock()
-        if now - self._last_trim < RETENTION_TRIM_EVERY_S:
-            return
-        self._last_trim = now
-        min_id = f"{int((now - self._retention_s) * 1000)}-0"
-        try:
-            self._redis.xtrim(self._stream, minid=min_id, approximate=False)
-        except redis.RedisError:
-            log.warning("audit retention trim failed; will retry")
+    def recent(self, count: int = 100, *, checkpoints: bool = False) -> list[dict[str, Any]]:
+        """Newest records of all writers first (checkpoints only when asked)."""
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while len(out) < count:
+            page, cursor = self.store.events(limit=min(1000, count), cursor=cursor)
+            out.extend(r for r in page if checkpoints or not is_checkpoint(r))
+            if cursor is None:
+                break
+        return out[:count]
 
-    def recent(self, count: int = 100) -> list[dict[str, Any]]:
-        """Newest records first (used by tests and, later, the audit API)."""
-        try:
-            rows = self._redis.xrevrange(self._stream, count=count)
-        except redis.RedisError as exc:
-            raise StoreUnavailable("the audit log is unavailable", retry_after=1) from exc
-        out = []
-        for entry_id, fields in rows or []:
-            body: dict[str, Any] = orjson.loads((fields or {})[b"r"])
-            body["id"] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            out.append(body)
-        return out
+
+def _sealed(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint signed, kept beside the chain (plus its hash, for reference)."""
+    details = checkpoint["details"]
+    return {
+        "writer": checkpoint["writer"],
+        "seq": checkpoint["seq"],
+        "prev": checkpoint["prev"],
+        "time": checkpoint["time"],
+        "key_id": details["key_id"],
+        "final": details["final"],
+        "signature": details["signature"],
+        "hash": checkpoint["hash"],
+    }

@@ -14,7 +14,7 @@ from flask import Flask
 from broker.app import create_app
 from broker.model import AccessToken, MintRequest
 from broker.settings import Settings, load_settings
-from tests.support import CACHE_KEY, LocalIssuer, broker_config
+from tests.support import AUDIT_SIGNING_KEY, CACHE_KEY, LocalIssuer, broker_config
 
 
 @dataclass
@@ -69,7 +69,7 @@ def make_broker(tmp_path: Path, issuer: LocalIssuer):
             settings,
             redis_client=client,
             minter=minter,
-            env={"BROKER_CACHE_KEYS": CACHE_KEY},
+            env={"BROKER_CACHE_KEYS": CACHE_KEY, "BROKER_AUDIT_SIGNING_KEY": AUDIT_SIGNING_KEY},
             audit_out=out,
         )
         return BrokerUnderTest(app, settings, client, minter, out, issuer)

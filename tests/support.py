@@ -27,6 +27,8 @@ AUDIENCE = "https://token-broker.test"
 ADMIN_AUDIENCE = "token-broker-admin"
 SA_DOMAIN = "test-project.iam.gserviceaccount.com"
 CACHE_KEY = base64.b64encode(b"k" * 32).decode()
+# Ed25519 seed (base64 raw 32 bytes) for BROKER_AUDIT_SIGNING_KEY in tests.
+AUDIT_SIGNING_KEY = base64.b64encode(b"a" * 32).decode()
 GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 

@@ -1,3 +1,5 @@
+"""The audit writer: chaining, checkpoints, stdout witness, lost replies, folding, retention."""
+
 from __future__ import annotations
 
 import io
@@ -9,7 +11,13 @@ import pytest
 import redis
 
 from broker.audit import GENESIS, AuditLog, AuditRecord, chain_hash, rfc3339, sha256_hex
+from broker.auditchain import CHECKPOINT_EVENT, checkpoint_message_of
+from broker.auditstore import LiveVerifier
 from broker.errors import StoreUnavailable
+from broker.signing import KeyRing, SigningKey
+
+KEY = SigningKey.generate()
+RING = KeyRing([KEY.public])
 
 
 class Clock:
@@ -27,36 +35,158 @@ def rec(**kw):
     return AuditRecord(**base)
 
 
-@pytest.fixture
-def log():
+def make_log(client=None, **kw):
     clock = Clock()
     out = io.StringIO()
-    a = AuditLog(fakeredis.FakeRedis(), prefix="t:", out=out, clock=clock, writer="w1")
+    kw.setdefault("signer", KEY)
+    a = AuditLog(client or fakeredis.FakeRedis(), prefix="t:", out=out, clock=clock,
+                 writer=kw.pop("writer", "w1"), **kw)
     a.clock, a.out = clock, out  # type: ignore[attr-defined]
     return a
+
+
+def stdout_records(a):
+    return [json.loads(x)["audit"] for x in a.out.getvalue().splitlines()]
+
+
+def verify(a, **kw):
+    return LiveVerifier(a.store, RING, retention_s=None, clock=a.clock).verify(full=True, **kw)
+
+
+@pytest.fixture
+def log():
+    return make_log(checkpoint_every=1000)
 
 
 def test_append_chains_records(log):
     first = log.append(rec(request_id="a"))
     second = log.append(rec(request_id="b"))
-    assert (first["seq"], first["prev"]) == (1, GENESIS)
+    assert (first["seq"], first["prev"], first["writer"]) == (1, GENESIS, "w1")
     assert (second["seq"], second["prev"]) == (2, first["hash"])
     assert chain_hash(second) == second["hash"]
-    tampered = dict(second, reason="issued")
-    assert chain_hash(tampered) != second["hash"]
+    assert chain_hash(dict(second, reason="issued")) != second["hash"]
+    assert second["id"].startswith("w1/")
     assert [r["request_id"] for r in log.recent()] == ["b", "a"]
-    lines = [json.loads(x)["audit"] for x in log.out.getvalue().splitlines()]
-    assert [x["request_id"] for x in lines] == ["a", "b"]
+    assert [x["request_id"] for x in stdout_records(log)] == ["a", "b"]
+    assert [x["id"] for x in stdout_records(log)] == [first["id"], second["id"]]
+
+
+def test_chain_keys_share_a_hash_tag_and_writer_is_registered(log):
+    log.append(rec())
+    keys = log.store.keys
+    assert keys.chain("w1") == "t:{audit:w1}:chain" and keys.sealed("w1") == "t:{audit:w1}:sealed"
+    assert list(log.store.writers()) == ["w1"]
+
+
+def test_default_writer_ids_are_unique_and_tag_safe():
+    a, b = AuditLog(fakeredis.FakeRedis()), AuditLog(fakeredis.FakeRedis())
+    assert a.writer != b.writer
+    assert "{" not in a.writer and "}" not in a.writer and "/" not in a.writer
+
+
+def test_checkpoint_every_n_records_rides_in_the_same_round_trip():
+    a = make_log(checkpoint_every=3)
+    for i in range(7):
+        a.append(rec(request_id=str(i)))
+    rows = a.recent(100, checkpoints=True)
+    events = [r["event"] for r in reversed(rows)]
+    assert events == ["token.exchange"] * 3 + [CHECKPOINT_EVENT] + ["token.exchange"] * 3 + [
+        CHECKPOINT_EVENT] + ["token.exchange"]
+    cp = rows[1]
+    assert cp["details"]["key_id"] == KEY.key_id and cp["details"]["final"] is False
+    assert cp["details"]["records"] == 3 and cp["decision"] is None
+    assert KEY.public.verify(checkpoint_message_of(cp), cp["details"]["signature"])
+    sealed = a.store.sealed("w1")
+    assert sealed["seq"] == cp["seq"] and sealed["signature"] == cp["details"]["signature"]
+    # Checkpoints are witnessed on stdout as well.
+    assert sum(r["event"] == CHECKPOINT_EVENT for r in stdout_records(a)) == 2
+    report = verify(a)
+    assert report.ok and report.checked == 9
+    assert report.chains[0].sealed_seq == 8 and report.chains[0].unsealed == 1
+
+
+def test_tick_seals_a_head_that_waited_five_seconds(log):
+    log.tick()
+    assert log.recent(10, checkpoints=True) == []  # nothing to seal: no checkpoint when idle
+    log.append(rec())
+    log.clock.now += 4.9
+    log.tick()
+    assert len(log.recent(10, checkpoints=True)) == 1
+    log.clock.now += 0.2
+    log.tick()
+    rows = log.recent(10, checkpoints=True)
+    assert rows[0]["event"] == CHECKPOINT_EVENT
+    log.clock.now += 10
+    log.tick()
+    assert len(log.recent(10, checkpoints=True)) == 2  # still nothing new to seal
+
+
+def test_close_writes_a_final_checkpoint_and_later_records_start_a_new_writer(log):
+    log.append(rec())
+    log.close()
+    final = log.recent(1, checkpoints=True)[0]
+    assert final["details"]["final"] is True and final["reason"] == "final"
+    assert log.writer != "w1"
+    log.append(rec())
+    assert sorted(log.store.writers()) == sorted(["w1", log.writer])
+    report = verify(log)
+    assert report.ok
+    assert {c.writer: c.final for c in report.chains}["w1"] is True
+
+
+def test_close_without_records_writes_nothing(log):
+    log.close()
+    assert log.store.writers() == {}
+
+
+def test_no_signer_means_no_checkpoints():
+    a = make_log(signer=None, checkpoint_every=1)
+    a.append(rec())
+    a.close()
+    assert [r["event"] for r in a.recent(10, checkpoints=True)] == ["token.exchange"]
 
 
 def test_store_failure_goes_to_stdout_and_raises(log, monkeypatch):
     monkeypatch.setattr(log._redis, "xadd", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
     with pytest.raises(StoreUnavailable):
         log.append(rec(decision="issued"))
-    line = json.loads(log.out.getvalue().splitlines()[-1])["audit"]
-    assert line["stored"] is False
+    line = stdout_records(log)[-1]
+    assert line["stored"] is False and line["seq"] == 1
     monkeypatch.undo()
     assert log.append(rec())["seq"] == 1  # a failed append does not advance the chain
+    assert verify(log).ok
+
+
+def test_lost_reply_is_recovered_from_the_stream(log, monkeypatch):
+    """Redis stored the record but the reply was lost: the chain must not fork."""
+    real = log._redis.xadd
+
+    def stored_then_lost(*a, **k):
+        real(*a, **k)
+        raise redis.TimeoutError("reply lost")
+
+    monkeypatch.setattr(log._redis, "xadd", stored_then_lost)
+    with pytest.raises(StoreUnavailable):
+        log.append(rec(request_id="lost"))
+    monkeypatch.undo()
+    second = log.append(rec(request_id="next"))
+    assert second["seq"] == 2
+    lines = stdout_records(log)
+    # stdout says first not stored, then (once learnt) stored, with its id.
+    assert [(x["request_id"], x.get("stored", True)) for x in lines] == [
+        ("lost", False), ("lost", True), ("next", True)]
+    log.close()
+    assert verify(log).ok
+
+
+def test_recovery_read_failure_keeps_failing_closed(log, monkeypatch):
+    monkeypatch.setattr(log._redis, "xadd", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
+    with pytest.raises(StoreUnavailable):
+        log.append(rec())
+    monkeypatch.setattr(log._redis, "xrevrange", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
+    with pytest.raises(StoreUnavailable):
+        log.append(rec(request_id="second"))
+    assert stdout_records(log)[-1]["stored"] is False
 
 
 def test_folding_identical_denials(log):
@@ -80,17 +210,63 @@ def test_fold_window_not_closed_early(log):
     log.clock.now += 0.5
     log.flush_folds()
     assert len(log.recent()) == 1
-    log.flush_folds(force=True)
+    log.close()  # pending folds are written before the final checkpoint
     assert sum(r["count"] for r in log.recent()) == 2
+    assert log.recent(1, checkpoints=True)[0]["details"]["final"] is True
 
 
-def test_retention_trims_old_entries():
-    clock = Clock()
+def test_retention_trims_at_checkpoint_boundaries_and_what_remains_verifies():
     client = fakeredis.FakeRedis()
-    a = AuditLog(client, prefix="t:", stdout=False, clock=clock, retention_s=3600)
-    client.xadd(a.stream, {"r": b"{}"}, id=f"{int((clock.now - 7200) * 1000)}-0")
+    a = make_log(client, checkpoint_every=3, retention_s=3600)
+    for i in range(8):  # seq 1-3, cp 4, 5-7, cp 8, 9 (+ unsealed 10)
+        a.append(rec(request_id=str(i)))
+    # Make the first 6 stream entries look two hours old (stream ids are the storing time).
+    key = a.chain_key
+    rows = client.xrange(key)
+    old = int((a.clock.now - 7200) * 1000)
+    client.delete(key)
+    for i, (_, fields) in enumerate(rows):
+        body = json.loads(fields[b"r"])
+        client.xadd(key, {"r": json.dumps(body)}, id=f"{old + i}-0" if i < 6 else f"{old + 10**7 + i}-0")
+    assert a.apply_retention() > 0
+    remaining = [json.loads(f[b"r"])["seq"] for _, f in client.xrange(key)]
+    assert remaining[0] == 4 and remaining == list(range(4, 11))  # starts at the checkpoint
+    # The trimmed chain still verifies when the first checkpoint is old enough to be retention's.
+    ring_verifier = LiveVerifier(a.store, RING, retention_s=3600, clock=lambda: a.clock.now + 7200)
+    assert ring_verifier.verify().ok
+    # ... and not when it claims retention removed records that are younger than the period.
+    young = LiveVerifier(a.store, RING, retention_s=30 * 86400, clock=lambda: a.clock.now)
+    report = young.verify()
+    assert not report.ok and report.first_bad.problem == "missing"
+
+
+def test_retention_runs_once_per_minute_across_processes():
+    client = fakeredis.FakeRedis()
+    a, b = make_log(client, writer="a"), make_log(client, writer="b")
     a.append(rec())
-    assert client.xlen(a.stream) == 1
+    assert a.store.try_lock_retention("a", 60) is True
+    assert b.apply_retention() == 0  # the other process holds this minute
+
+
+def test_retention_drops_a_stopped_writers_chain_once_all_of_it_is_old():
+    client = fakeredis.FakeRedis()
+    a = make_log(client, retention_s=60, writer="old")
+    a.append(rec())
+    a.close()
+    live = make_log(client, retention_s=60, writer="live")
+    live.append(rec())
+    assert live.store.apply_retention(now=time.time() + 3600, retention_s=60) == 2
+    assert list(live.store.writers()) == ["live"]
+    assert client.exists(live.store.keys.chain("old"), live.store.keys.sealed("old")) == 0
+    assert client.xlen(live.chain_key) == 1  # no checkpoint older than the cutoff: kept
+
+
+def test_recent_skips_checkpoints_unless_asked():
+    a = make_log(checkpoint_every=2)
+    for i in range(5):
+        a.append(rec(request_id=str(i)))
+    assert [r["request_id"] for r in a.recent(3)] == ["4", "3", "2"]
+    assert len(a.recent(100, checkpoints=True)) == 7
 
 
 def test_fingerprint_and_time_format():

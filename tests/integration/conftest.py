@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from tests.support import CACHE_KEY, REPO, free_port
+from tests.support import AUDIT_SIGNING_KEY, CACHE_KEY, REPO, free_port
 
 REDIS_URL = os.environ.get("TB_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
@@ -123,7 +123,11 @@ def run_broker(config: Path, *, env: dict[str, str] | None = None) -> Iterator[R
     """``token-broker serve --config`` as a subprocess on a free port (gunicorn, real workers)."""
     port = free_port()
     full_env = dict(os.environ)
-    full_env.update({"BROKER_CACHE_KEYS": CACHE_KEY, "BROKER_BIND": f"127.0.0.1:{port}"})
+    full_env.update({
+        "BROKER_CACHE_KEYS": CACHE_KEY,
+        "BROKER_AUDIT_SIGNING_KEY": AUDIT_SIGNING_KEY,
+        "BROKER_BIND": f"127.0.0.1:{port}",
+    })
     full_env.update(env or {})
     out, err = config.parent / f"broker-{port}.out", config.parent / f"broker-{port}.err"
     proc = subprocess.Popen(
