@@ -17,14 +17,19 @@ from werkzeug.exceptions import HTTPException
 
 from broker.access import AccessControl
 from broker.audit import AuditLog
+from broker.auditstore import LiveVerifier
 from broker.cache import CacheKeys, TokenCache
+from broker.circuit import Bulkhead, CircuitBreaker
 from broker.errors import BrokerError, ConfigError, RequestTooLarge
 from broker.exchange import TokenExchange
 from broker.identity import Verifier
 from broker.minting import Minter, build_minter
 from broker.policy import RoleTable, load_role_table
-from broker.ratelimit import RateLimiter
+from broker.ratelimit import MintBudget, RateLimiter
+from broker.refresh import Refresher, RefreshPolicy
+from broker.roles_admin import RoleAdmin, build_role_admin, check_roles_startup
 from broker.settings import Settings
+from broker.signing import KeyRing, SigningKey, load_signing_key, parse_public_key
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,9 @@ class Broker:
     exchange: TokenExchange
     limiter: RateLimiter
     access: AccessControl
+    audit_verifier: LiveVerifier
+    audit_keys: KeyRing
+    role_admin: RoleAdmin
 
 
 def connect_redis(url: str) -> redis.Redis:
@@ -80,12 +88,24 @@ def load_roles(settings: Settings) -> RoleTable:
     )
 
 
+def load_audit_keys(settings: Settings, env: Mapping[str, str]) -> tuple[SigningKey, KeyRing]:
+    """The checkpoint signing key (refuses to go on without one) and the trusted public keys:
+    its own first, then ``audit.previous_public_keys``."""
+    signer = load_signing_key(env, settings.audit.signing_key_env)
+    previous = [
+        parse_public_key(text, source=f"audit.previous_public_keys[{i}]")
+        for i, text in enumerate(settings.audit.previous_public_keys)
+    ]
+    return signer, KeyRing([signer.public, *previous])
+
+
 def check_startup(settings: Settings, env: Mapping[str, str]) -> None:
     """Everything that can refuse a start without connecting: roles, cache keys, key files."""
-    load_roles(settings)
+    check_roles_startup(settings, env)
     load_cache_keys(settings, env)
     refuse_dev_keys(settings)
     Verifier(settings.issuers, resolve_path=settings.path)
+    load_audit_keys(settings, env)
 
 
 def refuse_dev_keys(settings: Settings) -> None:
@@ -123,9 +143,6 @@ def create_app(
     env = os.environ if env is None else env
     client = redis_client if redis_client is not None else connect_redis(settings.redis.url)
     prefix = settings.redis.key_prefix
-    table = load_roles(settings)
-    for warning in table.warnings:
-        log.warning("roles: %s", warning)
     verifier = Verifier(settings.issuers, resolve_path=settings.path, clock=clock)
     cache = TokenCache(
         client,
@@ -134,6 +151,7 @@ def create_app(
         min_remaining_s=settings.cache.min_remaining,
         clock=clock,
     )
+    signer, audit_keys = load_audit_keys(settings, env)
     audit = AuditLog(
         client,
         prefix=prefix,
@@ -141,57 +159,97 @@ def create_app(
         stdout=settings.audit.stdout,
         out=audit_out,
         clock=clock,
+        signer=signer,
+        checkpoint_every=settings.audit.checkpoint_every,
     )
+    role_admin = build_role_admin(
+        settings, client=client, env=env, verifier=verifier, audit=audit, cache=cache, clock=clock
+    )
+    roles = role_admin.source.current
     limiter = RateLimiter(client, prefix=prefix, clock=clock)
+    budget = MintBudget(limiter)
+    if minter is None:
+        # Shared by replicas through Redis: while IAM is down, the fleet stops calling it.
+        minter = build_minter(
+            settings.gcp, circuit=CircuitBreaker(client, prefix=prefix, clock=clock)
+        )
+    refresher = Refresher(
+        client,
+        cache,
+        roles=roles,
+        minter=minter,
+        budget=budget,
+        prefix=prefix,
+        policy=RefreshPolicy(
+            ratio=settings.cache.refresh_ahead, min_remaining_s=settings.cache.min_remaining
+        ),
+        clock=clock,
+    )
+    atexit.register(refresher.stop)
     exchange = TokenExchange(
         settings=settings,
         verifier=verifier,
-        roles=lambda: table,
+        roles=roles,
         cache=cache,
-        minter=minter if minter is not None else build_minter(settings.gcp),
+        minter=minter,
         audit=audit,
         limiter=limiter,
         clock=clock,
+        budget=budget,
+        # One thread of each worker stays free for health checks while the others wait on IAM.
+        bulkhead=Bulkhead(max(1, settings.server.threads - 1)),
+        refresher=refresher,
     )
     broker = Broker(
         settings=settings,
         redis=client,
         verifier=verifier,
-        roles=lambda: table,
+        roles=roles,
         cache=cache,
         audit=audit,
         exchange=exchange,
         limiter=limiter,
         access=AccessControl(verifier, settings.access),
+        audit_verifier=LiveVerifier(
+            audit.store, audit_keys, retention_s=settings.audit.retention, clock=clock
+        ),
+        audit_keys=audit_keys,
+        role_admin=role_admin,
     )
     _start_fold_flusher(audit)
+    role_admin.source.start()
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_request_bytes
     app.extensions["broker"] = broker
 
     from broker import openapi
+    from broker.http import audit as audit_http
     from broker.http import health, token
+    from broker.http import roles as roles_http
 
     app.register_blueprint(token.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(audit_http.bp)
+    app.register_blueprint(roles_http.bp)
     app.after_request(_request_id_header)
     _register_error_handlers(app)
     return app
 
 
 def _start_fold_flusher(audit: AuditLog) -> None:
-    """Close denial-fold windows every second, so folded counts reach the log promptly."""
+    """Close denial-fold windows, seal chain heads and apply retention in the background;
+    at exit write pending folds and the final checkpoint."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(0.5):
-            audit.flush_folds()
+            audit.tick()
 
     def final_flush() -> None:
         stop.set()
-        audit.flush_folds(force=True)
+        audit.close()
 
     threading.Thread(target=loop, name="audit-fold-flusher", daemon=True).start()
     atexit.register(final_flush)

@@ -23,16 +23,23 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from broker.errors import ConfigError, StoreUnavailable, TemporarilyUnavailable
-from broker.model import AccessToken, MintRequest
+from broker.errors import (
+    BrokerError,
+    ConfigError,
+    StoreUnavailable,
+    TemporarilyUnavailable,
+    UpstreamRefused,
+)
+from broker.model import AccessToken, MintRequest, Role
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ _ENVELOPE_VERSION = "v1"
 _KEY_DOMAIN = "token-broker/cache/v1"
 _AAD_DOMAIN = b"token-broker/cache/v1:"
 _POLL_S = 0.03  # waiters re-read the cache this often: fast enough, cheap for Redis
+# Purge indexes live longer than any token (12 h at most) and are refreshed on each use.
+_INDEX_TTL_S = 13 * 3600
 
 
 def cache_key(role_name: str, request: MintRequest) -> str:
@@ -62,6 +71,27 @@ def cache_key(role_name: str, request: MintRequest) -> str:
         ensure_ascii=True,
     )
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def role_cache_key(role: Role) -> str:
+    """The cache key of ``role``'s tokens: what the exchange computes for it."""
+    return cache_key(
+        role.name,
+        MintRequest(
+            service_account=role.service_account,
+            scopes=role.scopes,
+            lifetime_s=role.lifetime_s,
+            delegates=role.delegates,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    """What :meth:`TokenCache.refresh` did, with the token now stored when there is one."""
+
+    outcome: Literal["refreshed", "fresh", "busy", "gone"]
+    token: AccessToken | None
 
 
 def _kid(key: bytes) -> str:
@@ -235,7 +265,13 @@ class TokenCache:
         self._call(lambda: self._redis.set(self._value_key(key), value, px=max(1000, ttl_ms)))
 
     def get_or_mint(
-        self, key: str, mint: Callable[[], AccessToken], *, wait_s: float
+        self,
+        key: str,
+        mint: Callable[[], AccessToken],
+        *,
+        wait_s: float,
+        share_failure_s: float = 0.0,
+        detach: bool = False,
     ) -> tuple[AccessToken, bool]:
         """Return ``(token, was_hit)``; on a miss, mint once across threads and processes.
 
@@ -243,6 +279,15 @@ class TokenCache:
         and stores. Others poll the cache for up to ``wait_s`` seconds, taking over the lock if
         its holder gives up or crashes, then raise :class:`TemporarilyUnavailable`
         (``mint_wait_timeout``). Exceptions from ``mint`` propagate unchanged; locks are released.
+
+        With ``share_failure_s`` > 0, a mint failing with :class:`TemporarilyUnavailable` or
+        :class:`UpstreamRefused` is also the result of everyone waiting for it, and of callers
+        arriving within ``share_failure_s`` seconds: they get the same error (a copy) instead of
+        asking IAM the same question again.
+
+        With ``detach``, the holder mints on a thread of its own and waits for it only until
+        ``wait_s`` is spent (then ``mint_wait_timeout``); the mint goes on, stores its token
+        and releases the lock, so a caller's thread is never held longer than ``wait_s``.
         """
         deadline = time.monotonic() + wait_s
         cached = self.get(key)
@@ -256,15 +301,14 @@ class TokenCache:
                 cached = self.get(key)
                 if cached is not None:
                     return cached, True
+                if share_failure_s > 0:
+                    self._raise_shared_failure(key)
                 owner = self._try_lock(key)
                 if owner is not None:
+                    if detach:
+                        return self._mint_detached(key, owner, mint, share_failure_s, deadline)
                     try:
-                        cached = self.get(key)  # re-check: the value may have landed just now
-                        if cached is not None:
-                            return cached, True
-                        token = mint()
-                        self.put(key, token)
-                        return token, False
+                        return self._mint_and_store(key, mint, share_failure_s)
                     finally:
                         self._unlock(key, owner)
                 if time.monotonic() >= deadline:
@@ -286,7 +330,178 @@ class TokenCache:
 
         return sum(int(n) for n in self._call(run))
 
+    # -- purge by role / service account (an index instead of a keyspace SCAN) ---------------
+
+    def _index_key(self, kind: str, value: str) -> str:
+        return f"{self._prefix}cache-index:{kind}:{value}"
+
+    def index(self, key: str, *, role: str, service_account: str, keep_s: float) -> None:
+        """Remember for ``keep_s`` seconds that ``key`` holds ``role``'s tokens for
+        ``service_account``, so :meth:`purge_role` / :meth:`purge_service_account` find it.
+
+        Each index is a sorted set scored by when its member may be forgotten: an entry can
+        only hold a token minted while its definition was in use, so it is forgotten once such
+        a token would have expired.
+        """
+        now = self._clock()
+
+        def run() -> Any:
+            pipe = self._redis.pipeline(transaction=False)
+            for name in (self._index_key("role", role), self._index_key("sa", service_account)):
+                pipe.zadd(name, {key: now + keep_s})
+                pipe.zremrangebyscore(name, "-inf", now)
+                pipe.expire(name, _INDEX_TTL_S)
+            return pipe.execute()
+
+        self._call(run)
+
+    def purge_role(self, role: str, also: Iterable[str] = ()) -> int:
+        """Drop every cached token indexed for ``role`` (and entries ``also``); return how many."""
+        return self._purge_indexed("role", role, also)
+
+    def purge_service_account(self, service_account: str, also: Iterable[str] = ()) -> int:
+        """Drop every cached token indexed for ``service_account`` (and ``also``)."""
+        return self._purge_indexed("sa", service_account, also)
+
+    def _purge_indexed(self, kind: str, value: str, also: Iterable[str]) -> int:
+        members = self._call(lambda: self._redis.zrange(self._index_key(kind, value), 0, -1))
+        keys = {m.decode("ascii", "replace") if isinstance(m, bytes) else str(m) for m in members}
+        return self.purge(sorted(keys | set(also)))
+
+    # -- refresh ahead (driven by broker.refresh) ----------------------------------------------
+
+    def peek(self, key: str) -> AccessToken | None:
+        """The stored token whatever it has left (None when absent or unreadable)."""
+        raw = self._call(lambda: self._redis.get(self._value_key(key)))
+        if raw is None:
+            return None
+        try:
+            return self._open(key, raw)
+        except _Undecryptable:
+            return None
+
+    def replace(self, key: str, token: AccessToken) -> bool:
+        """Store ``token`` only where an entry still exists; False if it is gone (purged).
+
+        ``SET XX``: a refresh racing a purge can never bring the purged entry back.
+        """
+        ttl_ms = int((token.expires_at - self._min_remaining_s - self._clock()) * 1000)
+        value = self._seal(key, token)
+        return bool(
+            self._call(
+                lambda: self._redis.set(self._value_key(key), value, px=max(1000, ttl_ms), xx=True)
+            )
+        )
+
+    def refresh(
+        self, key: str, mint: Callable[[], AccessToken], *, is_due: Callable[[AccessToken], bool]
+    ) -> RefreshResult:
+        """Re-mint ``key``'s token ahead of expiry, once across processes.
+
+        Takes the same Redis lock as :meth:`get_or_mint` without waiting for it (``busy`` when
+        another process mints this key), re-checks under it (``gone`` when the entry no longer
+        exists: purged or expired, never resurrected; ``fresh`` when ``is_due`` says the stored
+        token needs nothing), then mints and replaces it (``refreshed``). Exceptions from
+        ``mint`` propagate; the lock is released. Callers keep getting the old token meanwhile.
+        """
+        owner = self._try_lock(key)
+        if owner is None:
+            return RefreshResult("busy", None)
+        try:
+            current = self.peek(key)
+            if current is None:
+                return RefreshResult("gone", None)
+            if not is_due(current):
+                return RefreshResult("fresh", current)
+            token = mint()
+            if not self.replace(key, token):
+                return RefreshResult("gone", None)
+            return RefreshResult("refreshed", token)
+        finally:
+            self._unlock(key, owner)
+
     # -- internals ----------------------------------------------------------------------------
+
+    def _mint_and_store(
+        self, key: str, mint: Callable[[], AccessToken], share_failure_s: float
+    ) -> tuple[AccessToken, bool]:
+        """The lock holder's part: re-check, mint, store (the caller holds the Redis lock)."""
+        cached = self.get(key)  # re-check: the value may have landed just now
+        if cached is not None:
+            return cached, True
+        try:
+            token = mint()
+        except (TemporarilyUnavailable, UpstreamRefused) as exc:
+            if share_failure_s > 0:
+                self._share_failure(key, exc, share_failure_s)
+            raise
+        self.put(key, token)
+        return token, False
+
+    def _mint_detached(
+        self,
+        key: str,
+        owner: str,
+        mint: Callable[[], AccessToken],
+        share_failure_s: float,
+        deadline: float,
+    ) -> tuple[AccessToken, bool]:
+        """Run :meth:`_mint_and_store` on its own thread, which also releases the Redis lock."""
+        future: Future[tuple[AccessToken, bool]] = Future()
+
+        def run() -> None:
+            try:
+                result = self._mint_and_store(key, mint, share_failure_s)
+            except BaseException as exc:
+                self._unlock(key, owner)
+                future.set_exception(exc)
+            else:
+                self._unlock(key, owner)
+                future.set_result(result)
+
+        threading.Thread(target=run, name="token-mint", daemon=True).start()
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.info("token cache: a caller gave up waiting for key %s…; minting goes on", key[:12])
+            raise self._wait_timeout() from None
+
+    def _failure_key(self, key: str) -> str:
+        return f"{self._prefix}{{cache:{key}}}:failed"
+
+    def _share_failure(self, key: str, exc: BrokerError, ttl_s: float) -> None:
+        """Leave ``exc`` for concurrent waiters for ``ttl_s`` seconds; never raises."""
+        body = json.dumps(
+            {
+                "refused": isinstance(exc, UpstreamRefused),
+                "reason": exc.reason,
+                "description": exc.description[:500],
+                "retry_after": exc.retry_after,
+            }
+        )
+        try:
+            self._redis.set(self._failure_key(key), body, px=max(1, int(ttl_s * 1000)))
+        except redis.exceptions.RedisError as err:
+            log.warning("token cache: could not share a mint failure (%s)", type(err).__name__)
+
+    def _raise_shared_failure(self, key: str) -> None:
+        """Raise a copy of a mint failure shared by :meth:`_share_failure`, if one is fresh."""
+        raw = self._call(lambda: self._redis.get(self._failure_key(key)))
+        if raw is None:
+            return
+        try:
+            data = json.loads(raw)
+            reason, description = str(data["reason"]), str(data["description"])
+            retry_after = data.get("retry_after")
+            refused = bool(data.get("refused"))
+        except (ValueError, TypeError, KeyError):
+            return  # not ours to read: ignore it, it expires by itself
+        cls = UpstreamRefused if refused else TemporarilyUnavailable
+        raise cls(
+            description,
+            reason=reason,
+            retry_after=retry_after if isinstance(retry_after, int) else None,
+        )
 
     @staticmethod
     def _wait_timeout() -> TemporarilyUnavailable:
@@ -384,4 +599,11 @@ class TokenCache:
         return AccessToken(token=token, expires_at=float(expires_at))
 
 
-__all__ = ["KEY_BYTES", "CacheKeys", "TokenCache", "cache_key"]
+__all__ = [
+    "KEY_BYTES",
+    "CacheKeys",
+    "RefreshResult",
+    "TokenCache",
+    "cache_key",
+    "role_cache_key",
+]

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from broker.cli_audit import audit as audit_group
+from broker.cli_roles import cache as cache_group
+from broker.cli_roles import roles as roles_group
 from broker.errors import ConfigError
 
 
@@ -150,39 +153,9 @@ def keygen() -> None:
     click.echo(CacheKeys.generate())
 
 
-@cli.group()
-def roles() -> None:
-    """Check and explain role mappings."""
-
-
-@roles.command("validate")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--config", "config_path", default="config/broker.yaml", show_default=True,
-              help="broker.yaml whose issuers and gcp.allowed_service_accounts apply.")
-def roles_validate(file: Path, config_path: str) -> None:
-    """Validate a roles.yaml offline; exit 1 on errors, print warnings for globs."""
-    from broker.policy import load_role_table
-    from broker.settings import load_settings
-
-    try:
-        settings = load_settings(config_path)
-    except ConfigError as exc:
-        _fail(exc)
-        return
-    try:
-        table = load_role_table(
-            file,
-            issuers={i.name: i.kind for i in settings.issuers},
-            allowed_service_accounts=settings.gcp.allowed_service_accounts,
-            allow_extended_lifetime=settings.gcp.allow_extended_lifetime,
-            min_remaining_s=settings.cache.min_remaining,
-        )
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    for warning in table.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"{file}: {len(table.roles)} role(s) OK (digest {table.digest[:12]})")
+cli.add_command(audit_group)
+cli.add_command(roles_group)
+cli.add_command(cache_group)
 
 
 def main() -> None:

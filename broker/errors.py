@@ -99,6 +99,30 @@ class MethodNotAllowed(BrokerError):
     default_reason = "method_not_allowed"
 
 
+class Conflict(BrokerError):
+    """The request contradicts the resource's state (e.g. a write in read-only role mode)."""
+
+    error = "conflict"
+    status = 409
+    default_reason = "conflict"
+
+
+class PreconditionFailed(BrokerError):
+    """``If-Match`` / ``If-None-Match`` did not hold: someone else changed it first."""
+
+    error = "precondition_failed"
+    status = 412
+    default_reason = "precondition_failed"
+
+
+class PreconditionRequired(BrokerError):
+    """A write that must be conditional came without ``If-Match`` (RFC 6585 §3)."""
+
+    error = "precondition_required"
+    status = 428
+    default_reason = "precondition_required"
+
+
 class RateLimited(BrokerError):
     error = "slow_down"
     status = 429

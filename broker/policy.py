@@ -8,6 +8,7 @@ the clock is passed in, nothing here does I/O except :func:`load_role_table`.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -15,13 +16,16 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from broker.errors import ConfigError
 from broker.model import Decision, Role, SubjectMatcher, WorkloadIdentity
 from broker.settings import parse_duration
+
+if TYPE_CHECKING:
+    from broker.settings import Settings
 
 # --- the contract, as constants (shared by validation and the JSON Schema) -----------------------
 
@@ -240,28 +244,65 @@ def _type_name(value: object) -> str:
     )
 
 
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One validation finding: ``path`` into the data (keys and list indexes), the message
+    naming role and field, and, when the data came from YAML text, the 1-based line."""
+
+    path: Path_
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True, slots=True)
+class _Loc:
+    """Where a problem is: its rendered form (``roles[2] (name).subjects[0].issuer``) and path."""
+
+    text: str
+    path: Path_ = ()
+
+    def key(self, key: object) -> _Loc:
+        name = key if isinstance(key, str) else str(key)
+        return _Loc(f"{self.text}.{name}" if self.text else name, (*self.path, name))
+
+    def at(self, index: int) -> _Loc:
+        return _Loc(f"{self.text}[{index}]", (*self.path, index))
+
+    def __str__(self) -> str:
+        return self.text or "(top level)"
+
+
+_ROOT = _Loc("")
+
+
 class _Problems:
     def __init__(self) -> None:
-        self.errors: list[str] = []
-        self.warnings: list[str] = []
+        self.errors: list[Problem] = []
+        self.warnings: list[Problem] = []
 
-    def add(self, where: str, msg: str) -> None:
-        self.errors.append(f"{where}: {msg}")
+    def add(self, where: _Loc, msg: str) -> None:
+        self.errors.append(Problem(where.path, f"{where}: {msg}"))
 
-    def warn(self, where: str, msg: str) -> None:
-        self.warnings.append(f"{where}: {msg}")
+    def warn(self, where: _Loc, msg: str) -> None:
+        self.warnings.append(Problem(where.path, f"{where}: {msg}"))
 
 
 def _unknown_keys(
-    data: Mapping[Any, Any], allowed: frozenset[str], where: str, p: _Problems
+    data: Mapping[Any, Any], allowed: frozenset[str], where: _Loc, p: _Problems
 ) -> None:
     for key in data:
         if key not in allowed:
-            p.add(f"{where}.{key}" if where else str(key), "unknown key")
+            p.add(where.key(key), "unknown key")
 
 
 def _parse_service_account(
-    value: object, where: str, allowed: Sequence[str], p: _Problems
+    value: object, where: _Loc, allowed: Sequence[str], p: _Problems
 ) -> str | None:
     if not isinstance(value, str):
         p.add(where, f"expected a service-account email string, got {_type_name(value)}")
@@ -279,7 +320,7 @@ def _parse_service_account(
 
 
 def _parse_lifetime(
-    value: object, where: str, *, extended: bool, min_remaining_s: float, p: _Problems
+    value: object, where: _Loc, *, extended: bool, min_remaining_s: float, p: _Problems
 ) -> int | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         p.add(where, f"expected a duration such as 10m or 1h, got {_type_name(value)}")
@@ -319,23 +360,23 @@ def _parse_lifetime(
 
 
 def _parse_pattern(
-    data: Mapping[str, Any], key: str, where: str, p: _Problems
+    data: Mapping[str, Any], key: str, where: _Loc, p: _Problems
 ) -> tuple[str | None, bool]:
     """A namespace / service_account / subject pattern; returns (value, valid)."""
     value = data.get(key)
     if value is None:
         return None, True
     if not isinstance(value, str):
-        p.add(f"{where}.{key}", f"expected a string, got {_type_name(value)}")
+        p.add(where.key(key), f"expected a string, got {_type_name(value)}")
         return None, False
     if not _PATTERN_RE.fullmatch(value):
-        p.add(f"{where}.{key}", "must be non-empty and contain no whitespace")
+        p.add(where.key(key), "must be non-empty and contain no whitespace")
         return None, False
     return value, True
 
 
 def _parse_subject(
-    data: object, where: str, issuers: Mapping[str, str], p: _Problems
+    data: object, where: _Loc, issuers: Mapping[str, str], p: _Problems
 ) -> SubjectMatcher | None:
     if not isinstance(data, dict):
         p.add(where, f"expected a mapping, got {_type_name(data)}")
@@ -345,13 +386,13 @@ def _parse_subject(
     issuer = data.get("issuer")
     kind: str | None = None
     if issuer is None:
-        p.add(f"{where}.issuer", "required")
+        p.add(where.key("issuer"), "required")
         ok = False
     elif not isinstance(issuer, str):
-        p.add(f"{where}.issuer", f"expected a string, got {_type_name(issuer)}")
+        p.add(where.key("issuer"), f"expected a string, got {_type_name(issuer)}")
         ok = False
     elif issuer not in issuers:
-        p.add(f"{where}.issuer", f"unknown issuer {_q(issuer)} (configured: {sorted(issuers)})")
+        p.add(where.key("issuer"), f"unknown issuer {_q(issuer)} (configured: {sorted(issuers)})")
         ok = False
     else:
         kind = issuers[issuer]
@@ -363,17 +404,17 @@ def _parse_subject(
     if kind == "kubernetes":
         for key in ("namespace", "service_account"):
             if key not in data:
-                p.add(f"{where}.{key}", f"required for kubernetes issuer {_q(issuer)}")
+                p.add(where.key(key), f"required for kubernetes issuer {_q(issuer)}")
                 ok = False
         if "subject" in data:
             p.add(
-                f"{where}.subject",
+                where.key("subject"),
                 f"not allowed for kubernetes issuer {_q(issuer)} (use namespace and "
                 "service_account)",
             )
             ok = False
         if service_account is not None and "*" in service_account and service_account != "*":
-            p.add(f"{where}.service_account", '"*" is allowed only on its own')
+            p.add(where.key("service_account"), '"*" is allowed only on its own')
             ok = False
         if (
             namespace is not None
@@ -382,24 +423,24 @@ def _parse_subject(
             and is_glob(service_account)
         ):
             p.add(
-                f"{where}.namespace",
+                where.key("namespace"),
                 f"{_q(namespace)} needs an exact service_account to narrow it "
                 "(it would admit every service account of the cluster)",
             )
             ok = False
     elif kind == "oidc":
         if "subject" not in data:
-            p.add(f"{where}.subject", f"required for oidc issuer {_q(issuer)}")
+            p.add(where.key("subject"), f"required for oidc issuer {_q(issuer)}")
             ok = False
         for key in ("namespace", "service_account"):
             if key in data:
-                p.add(f"{where}.{key}", f"not allowed for oidc issuer {_q(issuer)} (use subject)")
+                p.add(where.key(key), f"not allowed for oidc issuer {_q(issuer)} (use subject)")
                 ok = False
         if subject is not None and set(subject) == {"*"}:
-            p.add(f"{where}.subject", f"{_q(subject)} would admit every subject of the issuer")
+            p.add(where.key("subject"), f"{_q(subject)} would admit every subject of the issuer")
             ok = False
     elif kind is not None:
-        p.add(f"{where}.issuer", f"issuer {_q(issuer)} has unsupported kind {_q(kind)}")
+        p.add(where.key("issuer"), f"issuer {_q(issuer)} has unsupported kind {_q(kind)}")
         ok = False
 
     if not ok or not isinstance(issuer, str):
@@ -410,19 +451,19 @@ def _parse_subject(
         ("subject", subject),
     ):
         if value is not None and is_glob(value):
-            p.warn(f"{where}.{key}", f"{_q(value)} is a glob: {GLOB_WARNING}")
+            p.warn(where.key(key), f"{_q(value)} is a glob: {GLOB_WARNING}")
     return SubjectMatcher(
         issuer=issuer, namespace=namespace, service_account=service_account, subject=subject
     )
 
 
-def _string_list(value: object, where: str, p: _Problems) -> list[str] | None:
+def _string_list(value: object, where: _Loc, p: _Problems) -> list[str] | None:
     if not isinstance(value, list):
         p.add(where, f"expected a list, got {_type_name(value)}")
         return None
     bad = [i for i, v in enumerate(value) if not isinstance(v, str)]
     for i in bad:
-        p.add(f"{where}[{i}]", f"expected a string, got {_type_name(value[i])}")
+        p.add(where.at(i), f"expected a string, got {_type_name(value[i])}")
     return None if bad else list(value)
 
 
@@ -430,12 +471,13 @@ def _duplicates(items: Sequence[str]) -> list[str]:
     return sorted({x for x in items if items.count(x) > 1})
 
 
-def _label(i: int, name: object) -> str:
+def _label(i: int, name: object) -> _Loc:
     """``roles[2] (flux-source-reader)``; the name is quoted when it is not plain text."""
+    loc = _ROOT.key("roles").at(i)
     if not isinstance(name, str) or not name:
-        return f"roles[{i}]"
+        return loc
     shown = name[:64] if name.isprintable() and " " not in name else _q(name)
-    return f"roles[{i}] ({shown})"
+    return _Loc(f"{loc.text} ({shown})", loc.path)
 
 
 def _parse_role(
@@ -449,7 +491,7 @@ def _parse_role(
     p: _Problems,
 ) -> Role | None:
     if not isinstance(data, dict):
-        p.add(f"roles[{i}]", f"expected a mapping, got {_type_name(data)}")
+        p.add(_ROOT.key("roles").at(i), f"expected a mapping, got {_type_name(data)}")
         return None
     label = _label(i, data.get("name"))
     errors_before = len(p.errors)
@@ -457,63 +499,63 @@ def _parse_role(
     _unknown_keys(data, ROLE_KEYS, label, p)
     for key in ROLE_REQUIRED:
         if key not in data:
-            p.add(f"{label}.{key}", "required")
+            p.add(label.key(key), "required")
 
     name = data.get("name")
     if "name" in data and not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
-        p.add(f"{label}.name", f"{_q(name)} does not match {NAME_PATTERN}")
+        p.add(label.key("name"), f"{_q(name)} does not match {NAME_PATTERN}")
 
     description = data.get("description", "")
     if not isinstance(description, str):
-        p.add(f"{label}.description", f"expected a string, got {_type_name(description)}")
+        p.add(label.key("description"), f"expected a string, got {_type_name(description)}")
 
     subjects: list[SubjectMatcher] = []
     if "subjects" in data:
         raw = data["subjects"]
         if not isinstance(raw, list):
-            p.add(f"{label}.subjects", f"expected a list, got {_type_name(raw)}")
+            p.add(label.key("subjects"), f"expected a list, got {_type_name(raw)}")
         elif not raw:
-            p.add(f"{label}.subjects", "at least one subject is required")
+            p.add(label.key("subjects"), "at least one subject is required")
         else:
             for j, entry in enumerate(raw):
-                m = _parse_subject(entry, f"{label}.subjects[{j}]", issuers, p)
+                m = _parse_subject(entry, label.key("subjects").at(j), issuers, p)
                 if m is not None:
                     subjects.append(m)
 
     service_account = None
     if "service_account" in data:
         service_account = _parse_service_account(
-            data["service_account"], f"{label}.service_account", allowed, p
+            data["service_account"], label.key("service_account"), allowed, p
         )
 
     scopes: list[str] = []
     if "scopes" in data:
-        scopes = _string_list(data["scopes"], f"{label}.scopes", p) or []
+        scopes = _string_list(data["scopes"], label.key("scopes"), p) or []
         if isinstance(data["scopes"], list) and not data["scopes"]:
-            p.add(f"{label}.scopes", "at least one scope is required")
+            p.add(label.key("scopes"), "at least one scope is required")
         for k, scope in enumerate(scopes):
             if not _SCOPE_RE.fullmatch(scope):
-                p.add(f"{label}.scopes[{k}]", f"{_q(scope)} does not start with {SCOPE_PREFIX}")
+                p.add(label.key("scopes").at(k), f"{_q(scope)} does not start with {SCOPE_PREFIX}")
         for dup in _duplicates(scopes):
-            p.add(f"{label}.scopes", f"{_q(dup)} is listed more than once")
+            p.add(label.key("scopes"), f"{_q(dup)} is listed more than once")
 
     lifetime_s = None
     if "lifetime" in data:
         lifetime_s = _parse_lifetime(
             data["lifetime"],
-            f"{label}.lifetime",
+            label.key("lifetime"),
             extended=extended,
             min_remaining_s=min_remaining_s,
             p=p,
         )
 
-    delegates = _string_list(data.get("delegates", []), f"{label}.delegates", p) or []
+    delegates = _string_list(data.get("delegates", []), label.key("delegates"), p) or []
     for k, d in enumerate(delegates):
-        _parse_service_account(d, f"{label}.delegates[{k}]", allowed, p)
+        _parse_service_account(d, label.key("delegates").at(k), allowed, p)
     for dup in _duplicates(delegates):
-        p.add(f"{label}.delegates", f"{_q(dup)} is listed more than once")
+        p.add(label.key("delegates"), f"{_q(dup)} is listed more than once")
     if service_account is not None and service_account in delegates:
-        p.add(f"{label}.delegates", "must not contain the role's own service_account")
+        p.add(label.key("delegates"), "must not contain the role's own service_account")
 
     if len(p.errors) != errors_before:
         return None
@@ -528,6 +570,92 @@ def _parse_role(
         delegates=tuple(delegates),
         description=description,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRules:
+    """What a role table is validated against: broker.yaml's issuers (name → kind) and gcp
+    settings. The API cannot change these; they come from the configuration only."""
+
+    issuers: Mapping[str, str]
+    allowed_service_accounts: tuple[str, ...]
+    allow_extended_lifetime: bool = False
+    min_remaining_s: float = 300.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RoleRules:
+        """The rules of a loaded broker configuration."""
+        return cls(
+            issuers={i.name: i.kind for i in settings.issuers},
+            allowed_service_accounts=tuple(settings.gcp.allowed_service_accounts),
+            allow_extended_lifetime=settings.gcp.allow_extended_lifetime,
+            min_remaining_s=settings.cache.min_remaining,
+        )
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The outcome of checking a role table: the table when there is no error, and every
+    error and warning with its location."""
+
+    source: str
+    table: RoleTable | None
+    errors: tuple[Problem, ...] = ()
+    warnings: tuple[Problem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.table is not None and not self.errors
+
+    def table_or_raise(self) -> RoleTable:
+        """The table, or :class:`ConfigError` listing every error (role and field named)."""
+        if self.table is None or self.errors:
+            raise ConfigError(self.source, [p.message for p in self.errors])
+        return self.table
+
+
+def check_role_table(data: object, *, source: str, rules: RoleRules) -> Validation:
+    """Validate parsed roles.yaml data; never raises. The same checks for the file, the API
+    and the CLI, so a table that one accepts, all accept."""
+    p = _Problems()
+    roles: list[Role] = []
+    if not isinstance(data, dict):
+        p.add(_ROOT, f'expected a mapping with a "roles" list, got {_type_name(data)}')
+    else:
+        _unknown_keys(data, TOP_LEVEL_KEYS, _ROOT, p)
+        raw = data.get("roles")
+        if "roles" not in data:
+            p.add(_ROOT.key("roles"), "required")
+        elif not isinstance(raw, list):
+            p.add(_ROOT.key("roles"), f"expected a list, got {_type_name(raw)}")
+        else:
+            if not raw:
+                p.warn(_ROOT.key("roles"), "the table is empty: every token request will be denied")
+            seen: dict[str, int] = {}
+            for i, entry in enumerate(raw):
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if isinstance(name, str):
+                    if name in seen:
+                        p.add(_label(i, name).key("name"), f"duplicate of roles[{seen[name]}]")
+                    else:
+                        seen[name] = i
+                role = _parse_role(
+                    entry,
+                    i,
+                    issuers=rules.issuers,
+                    allowed=rules.allowed_service_accounts,
+                    extended=rules.allow_extended_lifetime,
+                    min_remaining_s=rules.min_remaining_s,
+                    p=p,
+                )
+                if role is not None:
+                    roles.append(role)
+    if p.errors:
+        return Validation(source, None, tuple(p.errors), tuple(p.warnings))
+    table = RoleTable(
+        roles=tuple(roles), source=source, warnings=tuple(w.message for w in p.warnings)
+    )
+    return Validation(source, table, (), tuple(p.warnings))
 
 
 def parse_role_table(
@@ -545,42 +673,13 @@ def parse_role_table(
     Every problem is collected; if there is any, :class:`ConfigError` lists them all, each
     naming the role and field. Globs load with a warning in :attr:`RoleTable.warnings`.
     """
-    p = _Problems()
-    roles: list[Role] = []
-    if not isinstance(data, dict):
-        p.add("(top level)", f'expected a mapping with a "roles" list, got {_type_name(data)}')
-    else:
-        _unknown_keys(data, TOP_LEVEL_KEYS, "", p)
-        raw = data.get("roles")
-        if "roles" not in data:
-            p.add("roles", "required")
-        elif not isinstance(raw, list):
-            p.add("roles", f"expected a list, got {_type_name(raw)}")
-        else:
-            if not raw:
-                p.warn("roles", "the table is empty: every token request will be denied")
-            seen: dict[str, int] = {}
-            for i, entry in enumerate(raw):
-                name = entry.get("name") if isinstance(entry, dict) else None
-                if isinstance(name, str):
-                    if name in seen:
-                        p.add(f"{_label(i, name)}.name", f"duplicate of roles[{seen[name]}]")
-                    else:
-                        seen[name] = i
-                role = _parse_role(
-                    entry,
-                    i,
-                    issuers=issuers,
-                    allowed=allowed_service_accounts,
-                    extended=allow_extended_lifetime,
-                    min_remaining_s=min_remaining_s,
-                    p=p,
-                )
-                if role is not None:
-                    roles.append(role)
-    if p.errors:
-        raise ConfigError(source, p.errors)
-    return RoleTable(roles=tuple(roles), source=source, warnings=tuple(p.warnings))
+    rules = RoleRules(
+        issuers=issuers,
+        allowed_service_accounts=tuple(allowed_service_accounts),
+        allow_extended_lifetime=allow_extended_lifetime,
+        min_remaining_s=min_remaining_s,
+    )
+    return check_role_table(data, source=source, rules=rules).table_or_raise()
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -599,6 +698,87 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_yaml(text: str) -> Any:
+    """Parse YAML the way roles.yaml is read: safe, and refusing duplicate keys
+    (``yaml.YAMLError`` otherwise)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _node_lines(text: str) -> dict[Path_, int]:
+    """1-based line of every path in a YAML document: a mapping entry's key line, a list
+    item's first line. Empty when the text does not compose."""
+    try:
+        root = yaml.compose(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[Path_, int] = {}
+    if root is None:
+        return lines
+
+    def walk(node: yaml.Node, path: Path_, stack: frozenset[int]) -> None:
+        if id(node) in stack:  # an alias that refers to itself
+            return
+        stack = stack | {id(node)}
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if not isinstance(key, str):
+                    continue
+                sub = (*path, key)
+                lines[sub] = key_node.start_mark.line + 1
+                walk(value_node, sub, stack)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i), stack)
+
+    walk(root, (), frozenset())
+    return lines
+
+
+def _locate(problems: tuple[Problem, ...], lines: Mapping[Path_, int]) -> tuple[Problem, ...]:
+    """Give each problem the line of the deepest part of its path that the text has (a missing
+    key points at its mapping)."""
+    out: list[Problem] = []
+    for problem in problems:
+        line = None
+        for n in range(len(problem.path), -1, -1):
+            line = lines.get(problem.path[:n])
+            if line is not None:
+                break
+        out.append(dataclasses.replace(problem, line=line))
+    return tuple(out)
+
+
+def check_role_yaml(text: str, *, source: str, rules: RoleRules) -> Validation:
+    """Parse and validate roles.yaml text; never raises. Problems carry their line."""
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        return Validation(source, None, (Problem((), f"not valid YAML: {exc}", line),))
+    result = check_role_table(data, source=source, rules=rules)
+    if not (result.errors or result.warnings):
+        return result
+    lines = _node_lines(text)
+    return dataclasses.replace(
+        result, errors=_locate(result.errors, lines), warnings=_locate(result.warnings, lines)
+    )
+
+
+def check_role_file(path: Path, *, rules: RoleRules) -> Validation:
+    """Read and validate a roles.yaml file; never raises (an unreadable file is an error)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        return Validation(source, None, (Problem((), f"cannot read: {exc.strerror or exc}"),))
+    except UnicodeDecodeError:
+        return Validation(source, None, (Problem((), "not UTF-8 text"),))
+    return check_role_yaml(text, source=source, rules=rules)
+
+
 def load_role_table(
     path: Path,
     *,
@@ -608,25 +788,13 @@ def load_role_table(
     min_remaining_s: float = 300.0,
 ) -> RoleTable:
     """Read and validate a roles.yaml file; every failure is a :class:`ConfigError` naming it."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(source, ["not UTF-8 text"]) from exc
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
-    return parse_role_table(
-        data,
-        source=source,
+    rules = RoleRules(
         issuers=issuers,
-        allowed_service_accounts=allowed_service_accounts,
+        allowed_service_accounts=tuple(allowed_service_accounts),
         allow_extended_lifetime=allow_extended_lifetime,
         min_remaining_s=min_remaining_s,
     )
+    return check_role_file(path, rules=rules).table_or_raise()
 
 
 # --- decisions -----------------------------------------------------------------------------------
@@ -726,6 +894,160 @@ def explain(
 ) -> Decision:
     """The decision :func:`decide` takes, with reasons for every role (for admins/auditors)."""
     return _evaluate(table, identity, requested_role, now, verbose=True)
+
+
+# --- explaining callers that have no token at hand ----------------------------------------------
+
+
+def subject_identity(
+    issuer_name: str,
+    kind: str,
+    *,
+    namespace: str | None = None,
+    service_account: str | None = None,
+    subject: str | None = None,
+) -> WorkloadIdentity:
+    """The identity a verified token of this caller would yield, for explain and role tests.
+
+    Kubernetes: ``namespace`` and ``service_account`` (the ``sub`` is derived as the API
+    server writes it); oidc: ``subject``. No expiry: only the role table is consulted.
+    """
+    if kind == "kubernetes":
+        if not namespace or not service_account:
+            raise ValueError("a kubernetes subject needs namespace and service_account")
+        sub = f"system:serviceaccount:{namespace}:{service_account}"
+        return WorkloadIdentity(
+            issuer_name=issuer_name,
+            issuer="",
+            kind=kind,
+            subject=sub,
+            namespace=namespace,
+            service_account=service_account,
+        )
+    if kind == "oidc":
+        if not subject:
+            raise ValueError("an oidc subject needs subject")
+        return WorkloadIdentity(issuer_name=issuer_name, issuer="", kind=kind, subject=subject)
+    raise ValueError(f"unknown issuer kind {_q(kind)}")
+
+
+def principal_identity(principal: str, issuers: Mapping[str, str]) -> WorkloadIdentity:
+    """``ISSUER/NAMESPACE/SERVICE_ACCOUNT`` (kubernetes) or ``ISSUER/SUBJECT`` (oidc; the
+    subject may contain ``/``) → identity. Raises ``LookupError`` for an issuer that is not
+    configured and ``ValueError`` for a malformed principal."""
+    issuer, sep, rest = principal.partition("/")
+    if not sep or not issuer or not rest:
+        raise ValueError(
+            f"{_q(principal)} is not ISSUER/NAMESPACE/SERVICE_ACCOUNT or ISSUER/SUBJECT"
+        )
+    kind = issuers.get(issuer)
+    if kind is None:
+        raise LookupError(f"issuer {_q(issuer)} is not configured (configured: {sorted(issuers)})")
+    if kind == "oidc":
+        return subject_identity(issuer, kind, subject=rest)
+    namespace, sep, service_account = rest.partition("/")
+    if not sep or not namespace or not service_account or "/" in service_account:
+        raise ValueError(f"{_q(principal)} is not ISSUER/NAMESPACE/SERVICE_ACCOUNT")
+    return subject_identity(issuer, kind, namespace=namespace, service_account=service_account)
+
+
+# --- differences between tables (audit, dry runs, the CLI) ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoleChange:
+    """One role added, removed or changed; ``details`` says what changed, readably."""
+
+    name: str
+    kind: str  # "added" | "removed" | "changed"
+    details: tuple[str, ...] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        return {"role": self.name, "change": self.kind, "details": list(self.details)}
+
+
+@dataclass(frozen=True, slots=True)
+class TableDiff:
+    """What turns one table into another, role by role (sorted by name)."""
+
+    changes: tuple[RoleChange, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.changes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every role added, removed or changed."""
+        return tuple(c.name for c in self.changes)
+
+    def lines(self) -> list[str]:
+        """Readable lines: ``+ name (...)``, ``- name``, ``~ name: field old -> new``."""
+        mark = {"added": "+", "removed": "-", "changed": "~"}
+        out: list[str] = []
+        for c in self.changes:
+            if c.kind == "changed":
+                out.extend(f"~ {c.name}: {d}" for d in c.details)
+            else:
+                extra = f" ({'; '.join(c.details)})" if c.details else ""
+                out.append(f"{mark[c.kind]} {c.name}{extra}")
+        return out
+
+    def to_data(self) -> list[dict[str, Any]]:
+        return [c.to_data() for c in self.changes]
+
+
+def _subject_text(entry: Mapping[str, Any]) -> str:
+    if "subject" in entry:
+        return f"{entry['issuer']}/{entry['subject']}"
+    return f"{entry['issuer']}/{entry.get('namespace')}/{entry.get('service_account')}"
+
+
+def _item_text(key: str, item: Any) -> str:
+    return _subject_text(item) if key == "subjects" else str(item)
+
+
+def _summary(role: Role) -> tuple[str, ...]:
+    d = role_to_dict(role)
+    return (
+        f"service_account {d['service_account']}",
+        f"lifetime {d['lifetime']}",
+        "subjects " + ", ".join(_subject_text(s) for s in d["subjects"]),
+    )
+
+
+def _role_details(before: Role, after: Role) -> tuple[str, ...]:
+    a, b = role_to_dict(before), role_to_dict(after)
+    out: list[str] = []
+    for key in a:
+        old, new = a[key], b[key]
+        if old == new:
+            continue
+        if isinstance(old, list) and isinstance(new, list):
+            old_items = [_item_text(key, x) for x in old]
+            new_items = [_item_text(key, x) for x in new]
+            out.extend(f"{key} - {x}" for x in old_items if x not in new_items)
+            out.extend(f"{key} + {x}" for x in new_items if x not in old_items)
+            if sorted(old_items) == sorted(new_items):
+                out.append(f"{key} reordered")
+        else:
+            out.append(f"{key} {_q(old)} -> {_q(new)}")
+    return tuple(out)
+
+
+def diff_tables(before: RoleTable | None, after: RoleTable) -> TableDiff:
+    """The role-by-role difference from ``before`` (None: no table yet) to ``after``."""
+    old = {r.name: r for r in (before.roles if before is not None else ())}
+    new = {r.name: r for r in after.roles}
+    changes: list[RoleChange] = []
+    for name in sorted(old.keys() | new.keys()):
+        a, b = old.get(name), new.get(name)
+        if a is None and b is not None:
+            changes.append(RoleChange(name, "added", _summary(b)))
+        elif b is None:
+            changes.append(RoleChange(name, "removed"))
+        elif a is not None and a != b:
+            changes.append(RoleChange(name, "changed", _role_details(a, b)))
+    return TableDiff(tuple(changes))
 
 
 # --- JSON Schema ---------------------------------------------------------------------------------

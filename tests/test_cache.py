@@ -458,3 +458,229 @@ def test_put_failure_after_mint_still_releases_locks(r: fakeredis.FakeRedis) -> 
         cache.get_or_mint(KEY, CountingMint(), wait_s=1)
     assert r.exists(f"tb:{{cache:{KEY}}}:lock") == 0
     assert len(cache._local_locks) == 0
+
+
+# -- mint failures shared with waiters (share_failure_s) ----------------------------------------
+
+
+def test_a_failed_mint_is_the_answer_of_its_waiters(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+    calls: list[int] = []
+    entered, release = threading.Event(), threading.Event()
+    down = TemporarilyUnavailable("IAM down", reason="iam_unavailable", retry_after=2)
+
+    def failing() -> AccessToken:
+        calls.append(1)
+        entered.set()
+        release.wait(30)
+        raise down
+
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            cache.get_or_mint(KEY, failing, wait_s=30, share_failure_s=5)
+        except BaseException as exc:
+            errors.append(exc)
+
+    holder = threading.Thread(target=call)
+    holder.start()
+    assert entered.wait(30)
+    waiters = [threading.Thread(target=call) for _ in range(5)]
+    for t in waiters:
+        t.start()
+    release.set()
+    for t in [holder, *waiters]:
+        t.join(30)
+    assert len(calls) == 1  # one IAM question for six callers
+    assert len(errors) == 6
+    assert all(isinstance(e, TemporarilyUnavailable) for e in errors)
+    assert {(e.reason, e.retry_after, e.description) for e in errors} == {  # type: ignore[attr-defined]
+        ("iam_unavailable", 2, "IAM down")
+    }
+    # Callers arriving while the failure is fresh get it too; once it expires, a mint again.
+    with pytest.raises(TemporarilyUnavailable):
+        cache.get_or_mint(KEY, CountingMint(), wait_s=1, share_failure_s=5)
+    r.delete(f"tb:{{cache:{KEY}}}:failed")
+    assert cache.get_or_mint(KEY, CountingMint(), wait_s=1, share_failure_s=5)[1] is False
+
+
+def test_a_permanent_refusal_is_shared_as_such(r: fakeredis.FakeRedis) -> None:
+    from broker.errors import UpstreamRefused
+
+    cache = make_cache(r)
+    refused = UpstreamRefused("IAM refused: HTTP 403 PERMISSION_DENIED", reason="iam_refused")
+
+    def failing() -> AccessToken:
+        raise refused
+
+    with pytest.raises(UpstreamRefused) as first:
+        cache.get_or_mint(KEY, failing, wait_s=1, share_failure_s=5)
+    assert first.value is refused  # the holder gets the original
+    with pytest.raises(UpstreamRefused) as second:
+        cache.get_or_mint(KEY, CountingMint(), wait_s=1, share_failure_s=5)
+    assert (second.value.reason, second.value.status) == ("iam_refused", 502)
+    assert 0 < r.pttl(f"tb:{{cache:{KEY}}}:failed") <= 5000
+
+
+def test_failures_are_not_shared_unless_asked(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+
+    def failing() -> AccessToken:
+        raise TemporarilyUnavailable("IAM down", reason="iam_unavailable")
+
+    with pytest.raises(TemporarilyUnavailable):
+        cache.get_or_mint(KEY, failing, wait_s=1)
+    assert r.exists(f"tb:{{cache:{KEY}}}:failed") == 0
+    with pytest.raises(TemporarilyUnavailable):
+        cache.get_or_mint(KEY, failing, wait_s=1, share_failure_s=1)
+    with pytest.raises(TemporarilyUnavailable):
+        cache.get_or_mint(KEY, CountingMint(), wait_s=1, share_failure_s=1)
+    # A caller that does not share failures does not read them either.
+    assert cache.get_or_mint(KEY, CountingMint(), wait_s=1)[1] is False
+
+
+def test_unreadable_shared_failure_is_ignored(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+    r.set(f"tb:{{cache:{KEY}}}:failed", "garbage", px=60_000)
+    assert cache.get_or_mint(KEY, CountingMint(), wait_s=1, share_failure_s=1)[1] is False
+
+
+# -- refresh-ahead support: peek, replace, refresh ----------------------------------------------
+
+
+def test_peek_ignores_min_remaining_and_unreadable_values(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r, min_remaining_s=300)
+    cache.put(KEY, tok(left=100))
+    assert cache.get(KEY) is None
+    assert cache.peek(KEY) == tok(left=100)
+    r.set(f"tb:{{cache:{KEY}}}:token", "v1.deadbeef.garbage")
+    assert cache.peek(KEY) is None
+    assert cache.peek("absent") is None
+
+
+def test_replace_only_where_an_entry_exists(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r, min_remaining_s=300)
+    assert cache.replace(KEY, tok()) is False
+    assert cache.get(KEY) is None
+    cache.put(KEY, tok(value="old"))
+    assert cache.replace(KEY, tok(value="new")) is True
+    assert cache.get(KEY) == tok(value="new")
+    assert 3_200_000 < r.pttl(f"tb:{{cache:{KEY}}}:token") <= 3_300_000
+
+
+def test_refresh_outcomes(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+    mint = CountingMint()
+    due = lambda t: t.expires_at - NOW < 1000  # noqa: E731
+    assert cache.refresh(KEY, mint, is_due=due).outcome == "gone"  # nothing to refresh
+    cache.put(KEY, tok(left=3600, value="fresh"))
+    result = cache.refresh(KEY, mint, is_due=due)
+    assert (result.outcome, result.token) == ("fresh", tok(left=3600, value="fresh"))
+    cache.put(KEY, tok(left=900, value="due"))
+    r.set(f"tb:{{cache:{KEY}}}:lock", "someone-minting", px=60_000)
+    assert cache.refresh(KEY, mint, is_due=due).outcome == "busy"
+    r.delete(f"tb:{{cache:{KEY}}}:lock")
+    result = cache.refresh(KEY, mint, is_due=due)
+    assert (result.outcome, result.token) == ("refreshed", tok(value=f"{SECRET}-1"))
+    assert cache.get(KEY) == tok(value=f"{SECRET}-1")
+    assert mint.calls == 1
+    assert r.exists(f"tb:{{cache:{KEY}}}:lock") == 0
+
+
+def test_refresh_shares_the_single_flight_lock_with_get_or_mint(r: fakeredis.FakeRedis) -> None:
+    """While a refresh mints, a caller missing the same key waits for its result."""
+    cache = make_cache(r, min_remaining_s=300)
+    cache.put(KEY, tok(left=900, value="due"))
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_mint() -> AccessToken:
+        entered.set()
+        release.wait(30)
+        return tok(value="refreshed")
+
+    refresher = threading.Thread(
+        target=cache.refresh, args=(KEY, slow_mint), kwargs={"is_due": lambda t: True}
+    )
+    refresher.start()
+    assert entered.wait(30)
+    timer = threading.Timer(0.2, release.set)
+    timer.start()
+    mint = CountingMint()
+    try:
+        # A caller to whom the stored token (900 s left) is too short: a miss.
+        strict = make_cache(r, min_remaining_s=1000)
+        token, hit = strict.get_or_mint(KEY, mint, wait_s=30)
+    finally:
+        timer.cancel()
+        release.set()
+        refresher.join(30)
+    assert (token, hit, mint.calls) == (tok(value="refreshed"), True, 0)
+
+
+def test_refresh_releases_the_lock_when_the_mint_fails(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+    cache.put(KEY, tok(left=900))
+
+    def failing() -> AccessToken:
+        raise TemporarilyUnavailable("IAM down", reason="iam_unavailable")
+
+    with pytest.raises(TemporarilyUnavailable):
+        cache.refresh(KEY, failing, is_due=lambda t: True)
+    assert r.exists(f"tb:{{cache:{KEY}}}:lock") == 0
+    assert r.exists(f"tb:{{cache:{KEY}}}:failed") == 0  # a refresh failure is nobody's answer
+    assert cache.get(KEY) == tok(left=900)
+
+
+# -- detached mints (get_or_mint(detach=True)) ------------------------------------------------
+
+
+def test_detached_mint_outlives_a_caller_who_stops_waiting(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+    release, done = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def slow_mint() -> AccessToken:
+        calls.append(1)
+        release.wait(30)
+        return tok(value="late")
+
+    original_put = cache.put
+
+    def put(key: str, token: AccessToken) -> None:
+        original_put(key, token)
+        done.set()
+
+    cache.put = put  # type: ignore[method-assign]
+    with pytest.raises(TemporarilyUnavailable) as info:
+        cache.get_or_mint(KEY, slow_mint, wait_s=0.2, detach=True)
+    assert info.value.reason == "mint_wait_timeout"
+    assert r.exists(f"tb:{{cache:{KEY}}}:lock") == 1  # the mint still holds it
+    assert len(cache._local_locks) == 0  # the caller's thread is free
+    release.set()
+    assert done.wait(30)
+    assert cache.get_or_mint(KEY, CountingMint(), wait_s=5) == (tok(value="late"), True)
+    assert calls == [1]
+    for _ in range(100):  # the minting thread releases the lock right after storing
+        if not r.exists(f"tb:{{cache:{KEY}}}:lock"):
+            break
+        time.sleep(0.01)
+    assert r.exists(f"tb:{{cache:{KEY}}}:lock") == 0
+
+
+def test_detached_mint_result_and_errors_reach_the_caller(r: fakeredis.FakeRedis) -> None:
+    cache = make_cache(r)
+    assert cache.get_or_mint(KEY, CountingMint(), wait_s=5, detach=True) == (
+        tok(value=f"{SECRET}-1"),
+        False,
+    )
+    boom = RuntimeError("iam down")
+
+    def failing() -> AccessToken:
+        raise boom
+
+    other = cache_key("other-role", req())
+    with pytest.raises(RuntimeError) as info:
+        cache.get_or_mint(other, failing, wait_s=5, detach=True)
+    assert info.value is boom
+    assert r.exists(f"tb:{{cache:{other}}}:lock") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,20 @@ import yaml
 from broker.errors import ConfigError
 from broker.model import SubjectMatcher, WorkloadIdentity
 from broker.policy import (
+    RoleRules,
     RoleTable,
+    check_role_file,
+    check_role_yaml,
     decide,
+    diff_tables,
     explain,
     load_role_table,
+    load_yaml,
     matches,
     parse_role_table,
+    principal_identity,
     role_table_json_schema,
+    subject_identity,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -804,3 +812,177 @@ def test_json_schema_agrees_with_loader() -> None:
         assert list(validator.iter_errors(data)), data
         with pytest.raises(ConfigError):
             parse(data)
+
+
+# --- problems with locations (roles validate, reload logs) ---------------------------------------
+
+RULES = RoleRules(issuers=ISSUERS, allowed_service_accounts=tuple(ALLOWED))
+
+LOCATED_YAML = """\
+roles:
+  - name: good
+    subjects:
+      - issuer: prod-eu
+        namespace: flux-system
+        service_account: source-controller
+    service_account: flux-source@my-project.iam.gserviceaccount.com
+    scopes: [https://www.googleapis.com/auth/cloud-platform]
+    lifetime: 1h
+  - name: bad
+    subjects:
+      - issuer: nowhere
+        namespace: team-*
+        service_account: runner
+    service_account: x@elsewhere.iam.gserviceaccount.com
+    scopes: [https://www.googleapis.com/auth/cloud-platform]
+    lifetme: 1h
+"""
+
+
+def test_check_role_yaml_locates_every_problem() -> None:
+    result = check_role_yaml(LOCATED_YAML, source="roles.yaml", rules=RULES)
+    assert result.table is None and not result.ok
+    by_line = {p.line: p for p in result.errors}
+    # an unknown issuer, a service account outside the allow-list, an unknown key, and the
+    # missing lifetime (located at the role's first line: the key is absent)
+    assert by_line[12].path == ("roles", 1, "subjects", 0, "issuer")
+    assert "roles[1] (bad).subjects[0].issuer" in by_line[12].message
+    assert by_line[15].path == ("roles", 1, "service_account")
+    assert "gcp.allowed_service_accounts" in by_line[15].message
+    assert by_line[17].message.startswith("roles[1] (bad).lifetme: unknown key")
+    assert by_line[10].message == "roles[1] (bad).lifetime: required"
+    assert len(result.errors) == 4
+    with pytest.raises(ConfigError) as ei:
+        result.table_or_raise()
+    assert ei.value.problems == [p.message for p in result.errors]
+
+
+def test_check_role_yaml_warnings_have_lines() -> None:
+    text = LOCATED_YAML.split("  - name: bad")[0].replace("flux-system", "team-*")
+    result = check_role_yaml(text, source="r.yaml", rules=RULES)
+    assert result.ok and result.table is not None
+    [warning] = result.warnings
+    assert warning.line == 5 and warning.path == ("roles", 0, "subjects", 0, "namespace")
+    assert result.table.warnings == (warning.message,)
+
+
+def test_check_role_yaml_syntax_error_has_its_line() -> None:
+    result = check_role_yaml("roles:\n  - name: a\n   bad: [\n", source="r.yaml", rules=RULES)
+    [error] = result.errors
+    assert error.message.startswith("not valid YAML") and error.line is not None
+    assert error.line >= 2
+
+
+def test_check_role_yaml_top_level_problems() -> None:
+    [error] = check_role_yaml("- a\n", source="r.yaml", rules=RULES).errors
+    assert error.path == () and error.line == 1
+    assert error.message.startswith("(top level): expected a mapping")
+    [dup] = check_role_yaml("roles: []\nroles: []\n", source="r.yaml", rules=RULES).errors
+    assert "duplicate key" in dup.message and dup.line == 2
+
+
+def test_check_role_yaml_survives_self_referencing_alias() -> None:
+    result = check_role_yaml("roles: &a [*a]\n", source="r.yaml", rules=RULES)
+    assert [p.line for p in result.errors] == [1]
+
+
+def test_check_role_file_unreadable(tmp_path: Path) -> None:
+    result = check_role_file(tmp_path / "absent.yaml", rules=RULES)
+    assert result.table is None and result.errors[0].message.startswith("cannot read")
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert check_role_file(binary, rules=RULES).errors[0].message == "not UTF-8 text"
+
+
+def test_load_yaml_refuses_duplicate_keys() -> None:
+    assert load_yaml("a: 1\nb: 2\n") == {"a": 1, "b": 2}
+    with pytest.raises(yaml.YAMLError):
+        load_yaml("a: 1\na: 2\n")
+
+
+def test_rules_from_settings(tmp_path: Path, issuer: Any) -> None:
+    from broker.settings import load_settings
+    from tests.support import broker_config
+
+    settings = load_settings(broker_config(tmp_path, issuer))
+    rules = RoleRules.from_settings(settings)
+    assert rules.issuers == {"test": "kubernetes"}
+    assert rules.allowed_service_accounts == tuple(settings.gcp.allowed_service_accounts)
+    assert rules.min_remaining_s == settings.cache.min_remaining
+
+
+# --- identities for explain and role tests -------------------------------------------------------
+
+
+def test_principal_identity_kubernetes_and_oidc() -> None:
+    k = principal_identity("prod-eu/flux-system/source-controller", ISSUERS)
+    assert (k.kind, k.namespace, k.service_account) == ("kubernetes", "flux-system", "source-controller")
+    assert k.subject == "system:serviceaccount:flux-system:source-controller"
+    assert decide(FLUX, k, requested_role=None, now=NOW).role is FLUX.get("flux-source-reader")
+    o = principal_identity("corp-oidc/repo:org/app:ref", ISSUERS)
+    assert (o.kind, o.subject) == ("oidc", "repo:org/app:ref")
+    with pytest.raises(LookupError, match="not configured"):
+        principal_identity("staging/a/b", ISSUERS)
+    for bad in ("prod-eu", "prod-eu/ns", "prod-eu/ns/sa/x", "/a/b", "prod-eu//sa"):
+        with pytest.raises(ValueError):
+            principal_identity(bad, ISSUERS)
+
+
+def test_subject_identity_needs_the_fields_of_its_kind() -> None:
+    with pytest.raises(ValueError):
+        subject_identity("prod-eu", "kubernetes", namespace="a")
+    with pytest.raises(ValueError):
+        subject_identity("corp-oidc", "oidc")
+    with pytest.raises(ValueError):
+        subject_identity("x", "saml", subject="a")
+
+
+# --- diffs ---------------------------------------------------------------------------------------
+
+
+def test_diff_tables_reads_like_a_review() -> None:
+    before = table_of(role("a"), role("b"), role("c"))
+    after = table_of(
+        role("a"),
+        role(
+            "b",
+            lifetime="30m",
+            scopes=[CLOUD, "https://www.googleapis.com/auth/userinfo.email"],
+            subjects=[{"issuer": "prod-eu", "namespace": "team-*", "service_account": "r"}],
+        ),
+        role("d"),
+    )
+    diff = diff_tables(before, after)
+    assert diff.names == ("b", "c", "d")
+    assert diff.lines() == [
+        '~ b: subjects - prod-eu/flux-system/source-controller',
+        "~ b: subjects + prod-eu/team-*/r",
+        "~ b: scopes + https://www.googleapis.com/auth/userinfo.email",
+        '~ b: lifetime "1h" -> "30m"',
+        "- c",
+        f"+ d (service_account {SA}; lifetime 1h; subjects prod-eu/flux-system/source-controller)",
+    ]
+    assert [c["change"] for c in diff.to_data()] == ["changed", "removed", "added"]
+    assert not diff_tables(after, after) and diff_tables(None, after).names == ("a", "b", "d")
+
+
+def test_diff_notices_reordered_lists() -> None:
+    two = [CLOUD, "https://www.googleapis.com/auth/userinfo.email"]
+    diff = diff_tables(table_of(role("a", scopes=two)), table_of(role("a", scopes=two[::-1])))
+    assert diff.lines() == ["~ a: scopes reordered"]
+
+
+# --- the shipped JSON Schema ---------------------------------------------------------------------
+
+
+def test_shipped_schema_is_the_generated_one() -> None:
+    shipped = (REPO / "config" / "roles.schema.json").read_text()
+    assert json.loads(shipped) == role_table_json_schema()
+    # byte for byte what `token-broker roles schema > config/roles.schema.json` writes
+    assert shipped == json.dumps(role_table_json_schema(), indent=2) + "\n"
+
+
+def test_example_roles_file_references_the_schema() -> None:
+    first = (REPO / "config" / "roles.yaml").read_text().splitlines()[0]
+    assert first == "# yaml-language-server: $schema=roles.schema.json"
+    assert (REPO / "config" / "roles.schema.json").is_file()
