@@ -6,6 +6,7 @@ the running app has registered, and a test fails if an endpoint is registered bu
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app
@@ -76,11 +77,28 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "security": _BEARER,
             "responses": {
                 "200": _resp("replaced"),
+                "400": _resp("invalid_role_table: see problems", _ERROR),
                 "409": _resp("roles.source is file", _ERROR),
                 "412": _resp("stale ETag", _ERROR),
+                "428": _resp("If-Match required", _ERROR),
                 **_AUTH_ERRORS,
             },
         },
+    },
+    "/v1/roles/_history": {
+        "get": {
+            "summary": "Versions of the role table kept (redis source): revision, digest, who",
+            "security": _BEARER,
+            "responses": {"200": _resp("history"), **_AUTH_ERRORS},
+        }
+    },
+    "/v1/roles/_history/{revision}": {
+        "get": {
+            "summary": "One past version of the role table",
+            "security": _BEARER,
+            "responses": {"200": _resp("table"), "404": _resp("no such revision", _ERROR),
+                          **_AUTH_ERRORS},
+        }
     },
     "/v1/roles/{name}": {
         "get": {
@@ -95,8 +113,10 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "responses": {
                 "200": _resp("replaced"),
                 "201": _resp("created"),
+                "400": _resp("invalid_role_table: see problems", _ERROR),
                 "409": _resp("roles.source is file", _ERROR),
                 "412": _resp("stale ETag", _ERROR),
+                "428": _resp("If-Match or If-None-Match required", _ERROR),
                 **_AUTH_ERRORS,
             },
         },
@@ -104,7 +124,8 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "summary": "Delete a role (If-Match required)",
             "security": _BEARER,
             "responses": {
-                "204": _resp("deleted"),
+                "200": _resp("deleted: the new version, revision, diff and purge count"),
+                "404": _resp("no such role", _ERROR),
                 "409": _resp("roles.source is file", _ERROR),
                 "412": _resp("stale ETag", _ERROR),
                 "428": _resp("If-Match required", _ERROR),
@@ -129,9 +150,18 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "/v1/audit/events": {
         "get": {
             "summary": "Audit records (filters: since, until, subject, role, service_account, "
-            "decision, limit, cursor); NDJSON with Accept: application/x-ndjson",
+            "decision, event; order, limit, cursor, wait); NDJSON with Accept: "
+            "application/x-ndjson",
             "security": _BEARER,
             "responses": {"200": _resp("events"), **_AUTH_ERRORS},
+        }
+    },
+    "/v1/audit/report": {
+        "get": {
+            "summary": "Access review: issuance per role and service account, refusals, roles "
+            "never used (since, until, top)",
+            "security": _BEARER,
+            "responses": {"200": _resp("report"), **_AUTH_ERRORS},
         }
     },
     "/v1/audit/verify": {
@@ -205,10 +235,7 @@ def registered_operations(app: Flask) -> dict[str, set[str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<", "{").replace(">", "}")
-        path = "/".join(p.split(":")[-1] if p.startswith("{") else p for p in path.split("/"))
-        if path.startswith("{"):
-            continue
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)  # <int:rev> -> {rev}
         methods = {m.lower() for m in (rule.methods or set())} - {"head", "options"}
         out.setdefault(path, set()).update(methods)
     return out
