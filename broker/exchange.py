@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker import metrics
 from broker.audit import AuditLog, AuditRecord, rfc3339, sha256_hex
 from broker.cache import TokenCache, cache_key
+from broker.circuit import Bulkhead
 from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
 from broker.identity import Verifier
 from broker.minting import Minter
-from broker.model import MintRequest, WorkloadIdentity
+from broker.model import AccessToken, MintRequest, WorkloadIdentity
 from broker.policy import RoleTable, decide
 from broker.protocol import parse_token_request, token_response
-from broker.ratelimit import RateLimiter
+from broker.ratelimit import MintBudget, RateLimiter
+from broker.refresh import Refresher
 from broker.settings import Settings
+
+# A mint failure is every concurrent waiter's answer, and that of callers in the next second.
+SHARE_MINT_FAILURE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,9 @@ class TokenExchange:
         audit: AuditLog,
         limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
+        budget: MintBudget | None = None,
+        bulkhead: Bulkhead | None = None,
+        refresher: Refresher | None = None,
     ) -> None:
         self._settings = settings
         self._verifier = verifier
@@ -60,6 +68,9 @@ class TokenExchange:
         self._audit = audit
         self._limiter = limiter
         self._clock = clock
+        self._budget = budget
+        self._bulkhead = bulkhead
+        self._refresher = refresher
         # The IAM deadline bounds how long a caller waits for someone else's mint.
         self._mint_wait_s = 15.0
 
@@ -92,11 +103,10 @@ class TokenExchange:
                 lifetime_s=role.lifetime_s,
                 delegates=role.delegates,
             )
-            token, hit = self._cache.get_or_mint(
-                cache_key(role.name, mint_request),
-                lambda: self._minter.mint(mint_request),
-                wait_s=self._mint_wait_s,
-            )
+            key = cache_key(role.name, mint_request)
+            token, hit = self._obtain(role.name, key, mint_request)
+            if self._refresher is not None:
+                self._refresher.touch(key, role.name, mint_request, token)
             now = self._clock()
             record = self._record(
                 ctx,
@@ -120,6 +130,30 @@ class TokenExchange:
         except BrokerError as exc:
             self._audit_failure(exc, ctx, raw_token, identity, role_name)
             raise
+
+    def _obtain(self, role: str, key: str, request: MintRequest) -> tuple[AccessToken, bool]:
+        """The cached token, or one minted once for every concurrent caller (DESIGN.md §6)."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached, True  # hits never queue behind the bulkhead
+
+        def mint() -> AccessToken:
+            if self._budget is not None:
+                self._budget.spend(role)
+            return self._minter.mint(request)
+
+        with self._admit() as wait_s:
+            return self._cache.get_or_mint(
+                key, mint, wait_s=wait_s, share_failure_s=SHARE_MINT_FAILURE_S, detach=True
+            )
+
+    @contextlib.contextmanager
+    def _admit(self) -> Iterator[float]:
+        if self._bulkhead is None:
+            yield self._mint_wait_s
+            return
+        with self._bulkhead.admit(self._mint_wait_s) as wait_s:
+            yield wait_s
 
     def refuse(self, exc: BrokerError, ctx: RequestContext) -> None:
         """Audit a request refused before it could be parsed (body too large, bad JSON)."""

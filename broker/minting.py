@@ -15,6 +15,11 @@ Upstream errors become ours:
 * GCP credentials that cannot be loaded or refreshed for good → ``UpstreamRefused`` with
   ``reason="iam_credentials"``.
 
+A :class:`~broker.circuit.CircuitBreaker`, when given, is asked before every attempt and told
+every outcome: while IAM is down (the circuit is open) the minter stops at once with
+``TemporarilyUnavailable`` (``reason="iam_circuit_open"``) instead of spending its deadline, and
+only the circuit's single probe reaches IAM until it answers again.
+
 The retry loop is hand-written rather than ``google.api_core.retry.Retry``: that helper reads
 ``time.monotonic``/``time.sleep``/``random`` directly (tests could not drive it without patching
 globals) and does not shrink the per-attempt timeout to what is left of the total deadline. The
@@ -32,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import google.auth
 import requests
@@ -44,6 +49,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud.iam_credentials_v1 import IAMCredentialsClient
 from google.oauth2 import service_account
 
+from broker.circuit import CircuitBreaker, Permit
 from broker.errors import TemporarilyUnavailable, UpstreamRefused
 from broker.model import AccessToken, MintRequest
 from broker.settings import GcpSettings
@@ -172,8 +178,10 @@ class IamCredentialsMinter:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        circuit: CircuitBreaker | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
+        self.circuit = circuit
         self._credentials_spec = credentials
         self.policy = policy or RetryPolicy()
         self._client_factory = client_factory or self._build_client
@@ -225,11 +233,24 @@ class IamCredentialsMinter:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 break
+            permit = self._permit(attempts, last, cause)
             attempts += 1
             try:
-                return self._attempt(client, request, min(policy.attempt_timeout_s, remaining))
+                token = self._attempt(client, request, min(policy.attempt_timeout_s, remaining))
             except _Transient as exc:
                 last, cause = exc.what, exc.__cause__
+                self._outcome(permit, "failure")
+            except UpstreamRefused as exc:
+                # IAM answered (a refusal is an answer); our own credentials failing says
+                # nothing about IAM.
+                self._outcome(permit, "release" if exc.reason == "iam_credentials" else "success")
+                raise
+            except BaseException:
+                self._outcome(permit, "release")
+                raise
+            else:
+                self._outcome(permit, "success")
+                return token
             delay = policy.backoff(attempts - 1, self._rand())
             give_up = self._clock() + delay >= deadline
             log.warning(
@@ -249,6 +270,30 @@ class IamCredentialsMinter:
             reason="iam_unavailable",
             retry_after=max(1, policy.retry_after_s),
         ) from cause
+
+    def _permit(self, attempts: int, last: str, cause: BaseException | None) -> Permit | None:
+        """Ask the circuit for one attempt; while it is open, stop here (no IAM call)."""
+        if self.circuit is None:
+            return None
+        try:
+            return self.circuit.before_call()
+        except TemporarilyUnavailable as exc:
+            if attempts:
+                exc.description = f"{exc.description} (after {attempts} failed attempt(s): {last})"
+                raise exc from cause
+            raise
+
+    def _outcome(
+        self, permit: Permit | None, outcome: Literal["success", "failure", "release"]
+    ) -> None:
+        if self.circuit is None or permit is None:
+            return
+        if outcome == "success":
+            self.circuit.record_success(permit)
+        elif outcome == "failure":
+            self.circuit.record_failure(permit)
+        else:
+            self.circuit.release(permit)
 
     def _attempt(self, client: Any, request: MintRequest, timeout: float) -> AccessToken:
         sa = request.service_account
@@ -296,6 +341,8 @@ class IamCredentialsMinter:
         return AccessToken(token=token, expires_at=expire_time.timestamp())
 
 
-def build_minter(gcp: GcpSettings) -> IamCredentialsMinter:
+def build_minter(
+    gcp: GcpSettings, *, circuit: CircuitBreaker | None = None
+) -> IamCredentialsMinter:
     """The production minter for ``gcp.iam_endpoint`` with ``gcp.credentials``."""
-    return IamCredentialsMinter(gcp.iam_endpoint, gcp.credentials)
+    return IamCredentialsMinter(gcp.iam_endpoint, gcp.credentials, circuit=circuit)

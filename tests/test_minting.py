@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import fakeredis
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +22,7 @@ from google.auth import identity_pool
 from google.auth.credentials import AnonymousCredentials
 from google.oauth2 import service_account
 
+from broker.circuit import CircuitBreaker, CircuitPolicy
 from broker.errors import TemporarilyUnavailable, UpstreamRefused
 from broker.minting import (
     CLOUD_PLATFORM_SCOPE,
@@ -412,3 +414,126 @@ def test_unsupported_credential_type_is_refused_on_mint(tmp_path: Path) -> None:
         minter.mint(REQ)
     assert info.value.reason == "iam_credentials"
     assert "refresh_token" not in info.value.description and '"r"' not in info.value.description
+
+
+# -- circuit breaker --------------------------------------------------------------------------
+
+CIRCUIT = CircuitPolicy(failure_threshold=3, cool_down_s=5.0, max_cool_down_s=40.0)
+
+
+def make_with_circuit(
+    outcomes: list[Any], r: Any, clock: FakeClock | None = None
+) -> tuple[IamCredentialsMinter, FakeClient, FakeClock]:
+    clock = clock or FakeClock()
+    client = FakeClient(clock, list(outcomes))
+    minter = IamCredentialsMinter(
+        "http://127.0.0.1:1",
+        "anonymous",
+        client_factory=lambda: client,
+        sleep=clock.sleep,
+        clock=clock,
+        rand=lambda: 1.0,
+        circuit=CircuitBreaker(r, prefix="t:", policy=CIRCUIT, clock=clock),
+    )
+    return minter, client, clock
+
+
+def test_open_circuit_stops_retrying_and_then_stops_calling() -> None:
+    r = fakeredis.FakeRedis()
+    down = api_exceptions.ServiceUnavailable("down")
+    minter, client, clock = make_with_circuit([down] * 100, r)
+    with pytest.raises(TemporarilyUnavailable) as info:
+        minter.mint(REQ)
+    # three failures open it; the fourth attempt is refused before reaching IAM
+    assert len(client.calls) == 3
+    assert info.value.reason == "iam_circuit_open"
+    assert info.value.__cause__ is down
+    assert "3 failed attempt(s)" in info.value.description
+    with pytest.raises(TemporarilyUnavailable) as again:
+        minter.mint(REQ)
+    assert len(client.calls) == 3  # no call at all while open
+    assert again.value.reason == "iam_circuit_open"
+    assert 1 <= again.value.retry_after <= 5
+
+
+def test_other_replicas_see_the_open_circuit() -> None:
+    r = fakeredis.FakeRedis()
+    clock = FakeClock()
+    a, a_client, _ = make_with_circuit([api_exceptions.ServiceUnavailable("x")] * 10, r, clock)
+    b, b_client, _ = make_with_circuit([], r, clock)
+    with pytest.raises(TemporarilyUnavailable):
+        a.mint(REQ)
+    with pytest.raises(TemporarilyUnavailable):
+        b.mint(REQ)
+    assert (len(a_client.calls), len(b_client.calls)) == (3, 0)
+
+
+def test_probe_after_cool_down_closes_the_circuit_on_success() -> None:
+    r = fakeredis.FakeRedis()
+    minter, client, clock = make_with_circuit([api_exceptions.ServiceUnavailable("x")] * 3, r)
+    with pytest.raises(TemporarilyUnavailable):
+        minter.mint(REQ)
+    clock.now += 5.0  # the cool-down is over: the next attempt is the probe, and IAM is back
+    assert minter.mint(REQ).token == SECRET
+    assert minter.circuit is not None and minter.circuit.snapshot().state == "closed"
+    assert minter.mint(REQ).token == SECRET
+    assert len(client.calls) == 5
+
+
+def test_failed_probe_reopens_without_retrying() -> None:
+    r = fakeredis.FakeRedis()
+    minter, client, clock = make_with_circuit([api_exceptions.ServiceUnavailable("x")] * 10, r)
+    with pytest.raises(TemporarilyUnavailable):
+        minter.mint(REQ)
+    clock.now += 5.0
+    with pytest.raises(TemporarilyUnavailable) as info:
+        minter.mint(REQ)
+    assert len(client.calls) == 4  # exactly one probe
+    assert info.value.reason == "iam_circuit_open"
+    assert info.value.retry_after == 10  # the doubled cool-down
+
+
+@pytest.mark.parametrize(
+    ("outcome", "state"),
+    [
+        (api_exceptions.Forbidden("denied"), "closed"),  # IAM answered: it is up
+        (auth_exceptions.RefreshError("invalid_grant", retryable=False), "half_open"),
+    ],
+)
+def test_probe_refused_permanently(outcome: Exception, state: str) -> None:
+    r = fakeredis.FakeRedis()
+    minter, client, clock = make_with_circuit(
+        [api_exceptions.ServiceUnavailable("x")] * 3 + [outcome], r
+    )
+    with pytest.raises(TemporarilyUnavailable):
+        minter.mint(REQ)
+    clock.now += 5.0
+    with pytest.raises(UpstreamRefused):
+        minter.mint(REQ)
+    assert minter.circuit is not None
+    assert minter.circuit.snapshot().state == state
+    assert r.exists("t:{circuit:iam}:probe") == 0  # the probe slot is free either way
+
+
+def test_unexpected_error_frees_the_probe() -> None:
+    r = fakeredis.FakeRedis()
+    minter, _, clock = make_with_circuit(
+        [api_exceptions.ServiceUnavailable("x")] * 3 + [KeyError("bug")], r
+    )
+    with pytest.raises(TemporarilyUnavailable):
+        minter.mint(REQ)
+    clock.now += 5.0
+    with pytest.raises(KeyError):
+        minter.mint(REQ)
+    assert r.exists("t:{circuit:iam}:probe") == 0
+
+
+def test_build_minter_takes_a_circuit() -> None:
+    gcp = GcpSettings(
+        iam_endpoint="http://127.0.0.1:8085",
+        credentials="anonymous",
+        allowed_service_accounts=("*@p.iam.gserviceaccount.com",),
+    )
+    circuit = CircuitBreaker(fakeredis.FakeRedis())
+    assert build_minter(gcp, circuit=circuit).circuit is circuit
+    assert build_minter(gcp).circuit is None

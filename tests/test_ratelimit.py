@@ -3,8 +3,8 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from broker.errors import RateLimited
-from broker.ratelimit import RateLimiter, client_ip
+from broker.errors import RateLimited, TemporarilyUnavailable
+from broker.ratelimit import MINTS_PER_ROLE_PER_MINUTE, MintBudget, RateLimiter, client_ip
 
 
 def test_limit_and_window_reset():
@@ -38,3 +38,60 @@ def test_zero_is_off():
 )
 def test_client_ip(remote, xff, trusted, expected):
     assert client_ip(remote, xff, trusted) == expected
+
+
+# -- per-role mint budget -----------------------------------------------------------------------
+
+
+def test_mint_budget_per_role_shared_by_replicas():
+    now = [600.0]
+    r = fakeredis.FakeRedis()
+    a = MintBudget(RateLimiter(r, prefix="t:", clock=lambda: now[0]), per_role_per_minute=2)
+    b = MintBudget(RateLimiter(r, prefix="t:", clock=lambda: now[0]), per_role_per_minute=2)
+    a.spend("flux-source-reader")
+    b.spend("flux-source-reader")
+    with pytest.raises(TemporarilyUnavailable) as info:
+        a.spend("flux-source-reader")
+    err = info.value
+    assert (err.status, err.error, err.reason) == (503, "temporarily_unavailable", "mint_budget_exhausted")
+    assert err.retry_after == 60
+    assert "flux-source-reader" in err.description
+    b.spend("batch-a")  # another role has its own budget
+    now[0] += 45
+    with pytest.raises(TemporarilyUnavailable) as later:
+        b.spend("flux-source-reader")
+    assert later.value.retry_after == 15
+    now[0] += 15
+    a.spend("flux-source-reader")  # a new minute
+
+
+def test_mint_budget_zero_is_off():
+    budget = MintBudget(RateLimiter(fakeredis.FakeRedis(), prefix="t:"), per_role_per_minute=0)
+    for _ in range(100):
+        budget.spend("r")
+
+
+def test_default_mint_budget_is_far_above_normal_refreshing():
+    # A role's token is re-minted at most every 0.8 x 10 minutes in normal operation.
+    assert MintBudget(RateLimiter(fakeredis.FakeRedis(), prefix="t:")).per_role_per_minute == 60
+    assert MINTS_PER_ROLE_PER_MINUTE >= 30
+
+
+def test_exchange_spends_the_budget_only_on_mints(make_broker):
+    from tests.support import exchange_form
+
+    b = make_broker()
+    exchange = b.app.extensions["broker"].exchange
+    exchange._budget.per_role_per_minute = 1
+    post = lambda: b.client.post("/v1/token", data=exchange_form(b.issuer.token()))  # noqa: E731
+    assert post().status_code == 200  # a miss: spends the role's one mint
+    assert post().status_code == 200  # hits spend nothing
+    b.app.extensions["broker"].cache.purge(
+        [k.decode().split("{cache:")[1].split("}")[0] for k in b.redis.scan_iter("*:token")]
+    )
+    resp = post()
+    assert resp.status_code == 503
+    assert resp.json["error"] == "temporarily_unavailable"
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert len(b.minter.calls) == 1
+    assert b.audit()[0]["reason"] == "mint_budget_exhausted"
