@@ -3,8 +3,11 @@
 Every worker process is a *writer* with its own SHA-256 hash chain (``writer``, ``seq``,
 ``prev``, ``hash``; see :mod:`broker.auditchain`) in its own Redis stream (layout in
 :mod:`broker.auditstore`). An in-process lock assigns seq/prev/hash; the record then goes to Redis
-in one round trip (one XADD, or one MULTI/EXEC when a checkpoint rides along), so a chain never
-forks. Every ``checkpoint_every`` records, or ``checkpoint_interval_s`` after the first unsealed
+in one round trip (one MULTI/EXEC carrying the record, its index entries and counters, and a
+checkpoint when one is due), so a chain never forks. The writer also picks each record's stream
+entry id (its clock in ms, strictly increasing), so the index entries
+(:mod:`broker.auditindex`) can point at the record within that same transaction. Every
+``checkpoint_every`` records, or ``checkpoint_interval_s`` after the first unsealed
 one, the writer appends an ``audit.checkpoint`` record whose Ed25519 signature seals its head; a
 writer that stops appends a final one. Every record, checkpoints included, also goes to stdout
 as one JSON line: the witness outside Redis (``stored: false`` when Redis did not acknowledge).
@@ -137,7 +140,7 @@ class AuditLog:
         """``signer`` None disables checkpoints (tools and tests only: such a chain never
         verifies as sealed); :func:`broker.app.create_app` always passes one."""
         self._redis = client
-        self.store = AuditStore(client, prefix=prefix)
+        self.store = AuditStore(client, prefix=prefix, retention_s=retention_s)
         self._retention_s = retention_s
         self._stdout = stdout
         self._out = out
@@ -159,6 +162,7 @@ class AuditLog:
         self._unsealed_since: float | None = None
         self._uncertain: list[dict[str, Any]] | None = None  # sent, not acknowledged
         self._registered = False
+        self._last_entry = (0, 0)  # the newest stream entry id this writer used or tried
 
     @property
     def chain_key(self) -> str:
@@ -231,30 +235,43 @@ class AuditLog:
         )
         return self._chain(record.to_dict(), seq, prev)
 
+    def _next_entry_id(self, now: float) -> str:
+        """A stream entry id above every one this writer used: its clock in ms (held still if
+        the clock steps back) and a counter within the ms."""
+        ms = int(now * 1000)
+        last_ms, last_n = self._last_entry
+        self._last_entry = (ms, 0) if ms > last_ms else (last_ms, last_n + 1)
+        return f"{self._last_entry[0]}-{self._last_entry[1]}"
+
     def _store_locked(self, bodies: list[dict[str, Any]]) -> None:
-        key = self.chain_key
-        payloads = [orjson.dumps({k: v for k, v in b.items() if k != "id"}) for b in bodies]
+        now = self._clock()
+        entry_ids = [self._next_entry_id(now) for _ in bodies]
         try:
-            if len(bodies) == 1 and not is_checkpoint(bodies[0]):
-                ids = [self._redis.xadd(key, {"r": payloads[0]})]
-            else:
-                # One round trip, atomic: the records and, with a checkpoint, the sealed state.
-                pipe = self._redis.pipeline(transaction=True)
-                for p in payloads:
-                    pipe.xadd(key, {"r": p})
-                last_cp = next((b for b in reversed(bodies) if is_checkpoint(b)), None)
-                if last_cp is not None:
-                    pipe.set(self.store.keys.sealed(self.writer), orjson.dumps(_sealed(last_cp)))
-                ids = pipe.execute()[: len(bodies)]
+            # One round trip, atomic: the records, their index entries and counters, the
+            # sealed state when a checkpoint rides along, and the writer's registration.
+            pipe = self._redis.pipeline(transaction=True)
+            for body, entry_id in zip(bodies, entry_ids, strict=True):
+                payload = orjson.dumps({k: v for k, v in body.items() if k != "id"})
+                self.store.queue_append(pipe, self.writer, entry_id, payload, body, now)
+            last_cp = next((b for b in reversed(bodies) if is_checkpoint(b)), None)
+            if last_cp is not None:
+                pipe.set(self.store.keys.sealed(self.writer), orjson.dumps(_sealed(last_cp)))
+            if not self._registered:
+                info = {"started": rfc3339(now), "host": socket.gethostname()[:64],
+                        "pid": os.getpid()}
+                pipe.hset(self.store.keys.writers, self.writer, orjson.dumps(info))
+            pipe.execute()
         except redis.RedisError as exc:
             # Maybe stored, maybe not (a lost reply): the next append looks before chaining on.
             self._uncertain = bodies
+            self.store.indexer.forget()
             for b in bodies:
                 self._emit(dict(b, stored=False))
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from exc
-        self._commit_locked(bodies, [i.decode() if isinstance(i, bytes) else str(i) for i in ids])
+        self._registered = True
+        self._commit_locked(bodies, entry_ids)
 
     def _commit_locked(self, bodies: list[dict[str, Any]], entry_ids: list[str]) -> None:
         for b, entry_id in zip(bodies, entry_ids, strict=True):
@@ -267,14 +284,6 @@ class AuditLog:
                 if self._unsealed_since is None:
                     self._unsealed_since = self._clock()
             self._emit(b)
-        if not self._registered:
-            info = {"started": rfc3339(self._clock()), "host": socket.gethostname()[:64],
-                    "pid": os.getpid()}
-            try:
-                self._redis.hset(self.store.keys.writers, self.writer, orjson.dumps(info))
-                self._registered = True
-            except redis.RedisError:
-                log.warning("audit writer %s not registered yet; will retry", self.writer)
 
     def _recover_locked(self, pending: dict[str, Any] | None) -> None:
         """After a failed store, learn whether Redis has the records after all (lost reply)."""
@@ -294,6 +303,7 @@ class AuditLog:
         if len(entries) == len(uncertain) and all(
             rec.get("hash") == b["hash"] for (_, rec), b in zip(entries, uncertain, strict=True)
         ):
+            self._registered = True  # the registration rode in the same transaction
             self._commit_locked(uncertain, [e for e, _ in entries])
 
     # -- denials -------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ touch them together (DESIGN.md §8):
   chain cut below it.
 
 And ``{prefix}audit:writers``: a hash of every writer that stored a record, so verification
-notices a chain that is gone altogether.
+notices a chain that is gone altogether. The secondary indexes that queries use are described in
+:mod:`broker.auditindex`; :meth:`AuditStore.queue_append` writes a record with its index entries.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import orjson
 import redis
 
 from broker.auditchain import entry_of, is_checkpoint, record_id
+from broker.auditindex import IndexKeys, IndexWriter, pointer
 from broker.auditverify import Anchor, AnchorLost, ChainReport, ChainVerifier, VerifyReport
 from broker.errors import InvalidRequest, StoreUnavailable
 from broker.signing import KeyRing
@@ -103,9 +105,27 @@ def decode_cursor(cursor: str) -> tuple[int, int, str]:
 class AuditStore:
     """Reads the audit log (and applies retention). Redis errors become StoreUnavailable."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "tb:") -> None:
+    def __init__(
+        self, client: redis.Redis, *, prefix: str = "tb:", retention_s: float = 30 * 86400.0
+    ) -> None:
         self._redis = client
         self.keys = AuditKeys(prefix)
+        self.index_keys = IndexKeys(prefix)
+        self.indexer = IndexWriter(self.index_keys, retention_s=retention_s)
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def queue_append(
+        self, pipe: Any, writer: str, entry_id: str, payload: bytes, record: dict[str, Any],
+        now: float,
+    ) -> None:
+        """Queue one record into ``pipe``: the chain entry at ``entry_id`` (chosen by the
+        writer, so the index entries can point at it in the same round trip) and its index
+        entries and counters. The caller executes the pipeline (a MULTI, so all or nothing)."""
+        pipe.xadd(self.keys.chain(writer), {"r": payload}, id=entry_id)
+        self.indexer.queue(pipe, record, pointer(writer, entry_id), now)
 
     def writers(self) -> dict[str, dict[str, Any]]:
         """Registered writers and what they said about themselves when they registered."""
@@ -164,11 +184,14 @@ class AuditStore:
         limit: int = 100,
         cursor: str | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Records of every writer, newest first, in ``[since, until]`` (seconds; Redis time of
-        storing); ``cursor`` continues a previous page. Returns (records, next cursor or None).
+        """The raw chains: records of every writer, newest first, in ``[since, until]``
+        (seconds; the writer's clock when stored); ``cursor`` continues a previous page.
+        Returns (records, next cursor or None).
 
-        Each writer's stream is read newest-first and merged; the audit query issue adds
-        indexes and filters.
+        Each writer's stream is read newest-first and merged, so this sees every entry of every
+        registered chain, indexed or not (tools, tests, :meth:`AuditLog.recent`). The API reads
+        through the indexes instead (:mod:`broker.auditquery`): filtered, and stable for readers
+        that follow new records.
         """
         upper = f"{int(until * 1000)}" if until is not None else "+"
         lower = f"{int(since * 1000)}" if since is not None else "-"
@@ -225,9 +248,18 @@ class AuditStore:
                 pipe.execute()
                 continue
             removed += int(self._redis.xtrim(key, minid=entry_id, approximate=False) or 0)
+        self._trim_busy_indexes(cutoff)
         if removed:
             log.info("audit retention removed %d record(s)", removed)
         return removed
+
+    def _trim_busy_indexes(self, cutoff: str) -> None:
+        """Every index trims itself as entries arrive and expires when idle; the few that
+        every record passes through are also trimmed here, for when no records arrive."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in self.index_keys.busy():
+            pipe.xtrim(key, minid=cutoff, approximate=False)
+        pipe.execute()
 
     def _newest_checkpoint_before(
         self, key: str, writer: str, cutoff: str

@@ -1,4 +1,5 @@
-"""``token-broker audit``: verify the audit log offline (public keys only) or through the API."""
+"""``token-broker audit``: verify the audit log offline (public keys only) or through the API;
+query, tail, export and report through the API (:mod:`broker.cli_auditquery`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ EXIT_OK, EXIT_TAMPERED, EXIT_USAGE = 0, 1, 2
 
 @click.group()
 def audit() -> None:
-    """Verify the tamper-evident audit log; make checkpoint signing keys."""
+    """Query, follow, export and review the audit log; verify it; make signing keys."""
 
 
 @audit.command("keygen")
@@ -162,6 +163,8 @@ def _records(path: Path, skipped: list[int]) -> Iterator[dict[str, Any]]:
                 yield data["audit"]
             elif isinstance(data, dict) and "writer" in data:
                 yield data
+            elif isinstance(data, dict) and set(data) <= {"next_cursor", "follow_cursor"}:
+                continue  # the last line of an NDJSON page from GET /v1/audit/events
             else:
                 skipped[0] += 1
 
@@ -208,3 +211,13 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         state = "stale, " if tail.get("stale") else ""
         click.echo(f"unsealed: writer {tail.get('writer')}: {tail.get('records')} record(s) "
                    f"({state}since {tail.get('since')})")
+
+
+def _add_query_commands() -> None:
+    from broker.cli_auditquery import export, query, report, tail
+
+    for command in (query, tail, export, report):
+        audit.add_command(command)
+
+
+_add_query_commands()

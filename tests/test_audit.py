@@ -45,6 +45,26 @@ def make_log(client=None, **kw):
     return a
 
 
+def break_writes(a, monkeypatch, *, stored: bool = False, error=redis.ConnectionError):
+    """Make every append's transaction fail (after Redis took it, when ``stored``: a lost
+    reply)."""
+    real = a._redis.pipeline
+
+    def pipeline(*args, **kw):
+        pipe = real(*args, **kw)
+        execute = pipe.execute
+
+        def fail(*ea, **ek):
+            if stored:
+                execute(*ea, **ek)
+            raise error("reply lost" if stored else "down")
+
+        pipe.execute = fail
+        return pipe
+
+    monkeypatch.setattr(a._redis, "pipeline", pipeline)
+
+
 def stdout_records(a):
     return [json.loads(x)["audit"] for x in a.out.getvalue().splitlines()]
 
@@ -147,7 +167,7 @@ def test_no_signer_means_no_checkpoints():
 
 
 def test_store_failure_goes_to_stdout_and_raises(log, monkeypatch):
-    monkeypatch.setattr(log._redis, "xadd", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
+    break_writes(log, monkeypatch)
     with pytest.raises(StoreUnavailable):
         log.append(rec(decision="issued"))
     line = stdout_records(log)[-1]
@@ -159,13 +179,7 @@ def test_store_failure_goes_to_stdout_and_raises(log, monkeypatch):
 
 def test_lost_reply_is_recovered_from_the_stream(log, monkeypatch):
     """Redis stored the record but the reply was lost: the chain must not fork."""
-    real = log._redis.xadd
-
-    def stored_then_lost(*a, **k):
-        real(*a, **k)
-        raise redis.TimeoutError("reply lost")
-
-    monkeypatch.setattr(log._redis, "xadd", stored_then_lost)
+    break_writes(log, monkeypatch, stored=True, error=redis.TimeoutError)
     with pytest.raises(StoreUnavailable):
         log.append(rec(request_id="lost"))
     monkeypatch.undo()
@@ -180,7 +194,7 @@ def test_lost_reply_is_recovered_from_the_stream(log, monkeypatch):
 
 
 def test_recovery_read_failure_keeps_failing_closed(log, monkeypatch):
-    monkeypatch.setattr(log._redis, "xadd", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
+    break_writes(log, monkeypatch)
     with pytest.raises(StoreUnavailable):
         log.append(rec())
     monkeypatch.setattr(log._redis, "xrevrange", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))

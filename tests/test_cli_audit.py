@@ -79,6 +79,18 @@ def test_stdout_capture_with_log_lines_verifies(log, tmp_path):
     assert "2 line(s) that are not audit records" in res.output
 
 
+def test_saved_ndjson_pages_verify_without_notes(log, tmp_path):
+    """``curl -H 'Accept: application/x-ndjson'`` pages: records, then a line of cursors."""
+    lines = log.export(tmp_path / "e.ndjson").read_text().splitlines()
+    pages = [*lines[:5], '{"next_cursor": "abc", "follow_cursor": null}', *lines[5:],
+             '{"next_cursor": null, "follow_cursor": "def"}']
+    path = tmp_path / "pages.ndjson"
+    path.write_text("\n".join(pages) + "\n")
+    res = run("--file", str(path), "--public-key", KEY.public.b64)
+    assert res.exit_code == 0 and "not audit records" not in res.output
+    assert res.output.startswith("OK: 13 record(s) checked")
+
+
 def test_keys_from_the_public_key_endpoint_json_and_pem_files(log, tmp_path):
     export = log.export(tmp_path / "e.ndjson")
     (tmp_path / "keys.json").write_text(json.dumps(KeyRing([SigningKey.generate().public,

@@ -252,7 +252,7 @@ def test_redis_down_gives_503_and_no_token(broker, monkeypatch):
 def test_audit_store_failure_after_mint_withholds_token(broker, monkeypatch):
     """The token is minted and cached, but the record cannot be stored: nothing leaves."""
     audit = broker.app.extensions["broker"].audit
-    monkeypatch.setattr(audit._redis, "xadd", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
+    monkeypatch.setattr(audit.store, "queue_append", lambda *a, **k: (_ for _ in ()).throw(redis.ConnectionError()))
     resp = post(broker, exchange_form(broker.issuer.token()))
     assert resp.status_code == 503
     assert "access_token" not in resp.json
