@@ -194,6 +194,7 @@ def create_app(
         minter=minter,
         audit=audit,
         limiter=limiter,
+        redis_client=client,
         clock=clock,
         budget=budget,
         # One thread of each worker stays free for health checks while the others wait on IAM.

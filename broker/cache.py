@@ -246,7 +246,16 @@ class TokenCache:
 
     def get(self, key: str) -> AccessToken | None:
         """The cached token if it decrypts and has at least ``min_remaining_s`` left, else None."""
-        raw = self._call(lambda: self._redis.get(self._value_key(key)))
+        return self.servable(key, self._call(lambda: self._redis.get(self._value_key(key))))
+
+    def queue_get(self, pipe: redis.client.Pipeline, key: str) -> int:
+        """Add the read of ``key`` to ``pipe``; return its reply index (for :meth:`servable`)."""
+        index = len(pipe)
+        pipe.get(self._value_key(key))
+        return index
+
+    def servable(self, key: str, raw: object) -> AccessToken | None:
+        """The token in a stored value ``raw`` if it decrypts and has ``min_remaining_s`` left."""
         if raw is None:
             return None
         try:

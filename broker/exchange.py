@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from broker import metrics
 from broker.audit import AuditLog, AuditRecord, rfc3339, sha256_hex
 from broker.cache import TokenCache, cache_key
 from broker.circuit import Bulkhead
-from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
+from broker.errors import BrokerError, InvalidTarget, RateLimited, StoreUnavailable
 from broker.identity import Verifier
 from broker.minting import Minter
 from broker.model import AccessToken, MintRequest, WorkloadIdentity
@@ -55,6 +57,7 @@ class TokenExchange:
         minter: Minter,
         audit: AuditLog,
         limiter: RateLimiter,
+        redis_client: redis.Redis,
         clock: Callable[[], float] = time.time,
         budget: MintBudget | None = None,
         bulkhead: Bulkhead | None = None,
@@ -67,6 +70,7 @@ class TokenExchange:
         self._minter = minter
         self._audit = audit
         self._limiter = limiter
+        self._redis = redis_client
         self._clock = clock
         self._budget = budget
         self._bulkhead = bulkhead
@@ -80,12 +84,18 @@ class TokenExchange:
         raw_token = (params.get("subject_token") or [""])[0].strip()
         identity: WorkloadIdentity | None = None
         role_name: str | None = None
+        ip_counted = False
         try:
             if ctx.client_ip:
-                self._limiter.hit("client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
+                # Callers this process already saw over the limit stop here, before any work.
+                self._limiter.check_blocked(
+                    "client_ip", ctx.client_ip, limits.per_client_ip_per_minute
+                )
             request = parse_token_request(params)
             identity = self._verifier.verify(request.subject_token)
-            self._limiter.hit("subject", identity.principal, limits.per_subject_per_minute)
+            self._limiter.check_blocked(
+                "subject", identity.principal, limits.per_subject_per_minute
+            )
             now = self._clock()
             decision = decide(
                 self._roles(), identity, requested_role=request.requested_role, now=now
@@ -104,7 +114,13 @@ class TokenExchange:
                 delegates=role.delegates,
             )
             key = cache_key(role.name, mint_request)
-            token, hit = self._obtain(role.name, key, mint_request)
+            # One round trip counts both rate limits and reads the cache (the hot path).
+            ip_counted = True
+            cached = self._count_and_read(ctx, identity, key)
+            if cached is not None:
+                token, hit = cached, True
+            else:
+                token, hit = self._mint_once(role.name, key, mint_request)
             if self._refresher is not None:
                 self._refresher.touch(key, role.name, mint_request, token)
             now = self._clock()
@@ -128,14 +144,45 @@ class TokenExchange:
             body = token_response(token.token, int(token.expires_at - now), role.scopes)
             return ExchangeResult(body=body, audit=stored)
         except BrokerError as exc:
-            self._audit_failure(exc, ctx, raw_token, identity, role_name)
-            raise
+            final = exc
+            if ctx.client_ip and not ip_counted and not isinstance(exc, RateLimited):
+                # Refused before the hot path: still counts against the client's IP, so a
+                # flood of garbage is cut off (and then refused before verification).
+                try:
+                    self._limiter.hit("client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
+                except BrokerError as limited:
+                    final = limited
+            self._audit_failure(final, ctx, raw_token, identity, role_name)
+            if final is exc:
+                raise
+            raise final from exc
 
-    def _obtain(self, role: str, key: str, request: MintRequest) -> tuple[AccessToken, bool]:
-        """The cached token, or one minted once for every concurrent caller (DESIGN.md §6)."""
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached, True  # hits never queue behind the bulkhead
+    def _count_and_read(
+        self, ctx: RequestContext, identity: WorkloadIdentity, key: str
+    ) -> AccessToken | None:
+        limits = self._settings.rate_limit
+        pipe = self._redis.pipeline(transaction=False)
+        by_ip = (
+            self._limiter.queue(pipe, "client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
+            if ctx.client_ip
+            else None
+        )
+        by_subject = self._limiter.queue(
+            pipe, "subject", identity.principal, limits.per_subject_per_minute
+        )
+        at = self._cache.queue_get(pipe, key)
+        try:
+            results = pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(
+                f"store unavailable ({type(exc).__name__})", retry_after=1
+            ) from exc
+        self._limiter.settle(by_ip, results)
+        self._limiter.settle(by_subject, results)
+        return self._cache.servable(key, results[at])
+
+    def _mint_once(self, role: str, key: str, request: MintRequest) -> tuple[AccessToken, bool]:
+        """A token minted once for every concurrent caller of ``key`` (DESIGN.md §6)."""
 
         def mint() -> AccessToken:
             if self._budget is not None:

@@ -16,6 +16,8 @@ import hashlib
 import ipaddress
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -23,10 +25,27 @@ from broker.errors import RateLimited, StoreUnavailable, TemporarilyUnavailable
 
 WINDOW_S = 60
 MINTS_PER_ROLE_PER_MINUTE = 60
+MAX_BLOCKED = 100_000  # callers remembered as over their limit, per process
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCount:
+    """One hit queued on a caller's pipeline; :meth:`RateLimiter.settle` reads its reply."""
+
+    kind: str
+    identity: str
+    limit: int
+    window: int
+    index: int  # position of the INCR reply in the pipeline's results
 
 
 class RateLimiter:
-    """Counts hits per key and minute; over the limit raises :class:`RateLimited`."""
+    """Counts hits per key and minute; over the limit raises :class:`RateLimited`.
+
+    Counts live in Redis (shared by replicas). A caller found over its limit is also remembered
+    in process memory until its window ends, so its next requests are refused before any
+    verification or Redis round trip.
+    """
 
     def __init__(
         self, client: redis.Redis, *, prefix: str, clock: Callable[[], float] = time.time
@@ -34,36 +53,76 @@ class RateLimiter:
         self._redis = client
         self._prefix = prefix
         self._clock = clock
+        self._blocked: dict[tuple[str, str], int] = {}  # (kind, identity) -> window over limit
 
     def hit(self, kind: str, identity: str, limit: int) -> None:
         """Count one request of ``identity`` (hashed) against ``limit`` per minute; 0 = off."""
         retry_after = self.count(kind, identity, limit)
         if retry_after is not None:
-            raise RateLimited(
-                f"too many requests for this {kind.replace('_', ' ')} "
-                f"(limit {limit} per minute); retry after {retry_after}s",
-                reason=f"rate_limited_{kind}",
-                retry_after=retry_after,
-            )
+            raise self._refusal(kind, limit, retry_after)
 
     def count(self, kind: str, identity: str, limit: int) -> int | None:
         """Count one hit; return None within ``limit`` (0 = off), else seconds to wait."""
         if limit <= 0:
             return None
-        now = self._clock()
-        window = int(now // WINDOW_S)
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
-        key = f"{self._prefix}rl:{kind}:{digest}:{window}"
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.incr(key)
-            pipe.expire(key, WINDOW_S + 5)
-            count, _ = pipe.execute()
+            pending = self.queue(pipe, kind, identity, limit)
+            results = pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable("rate limiter unavailable", retry_after=1) from exc
-        if int(count) > limit:
-            return max(1, int((window + 1) * WINDOW_S - now))
-        return None
+        assert pending is not None
+        return self._over(pending, results)
+
+    def queue(
+        self, pipe: redis.client.Pipeline, kind: str, identity: str, limit: int
+    ) -> PendingCount | None:
+        """Add one hit to ``pipe`` (so it shares a round trip with other work); 0 = off."""
+        if limit <= 0:
+            return None
+        window = int(self._clock() // WINDOW_S)
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
+        key = f"{self._prefix}rl:{kind}:{digest}:{window}"
+        index = len(pipe)
+        pipe.incr(key)
+        pipe.expire(key, WINDOW_S + 5)
+        return PendingCount(kind, identity, limit, window, index)
+
+    def settle(self, pending: PendingCount | None, results: Sequence[Any]) -> None:
+        """Raise :class:`RateLimited` if the queued hit went over its limit."""
+        if pending is None:
+            return
+        retry_after = self._over(pending, results)
+        if retry_after is not None:
+            raise self._refusal(pending.kind, pending.limit, retry_after)
+
+    def check_blocked(self, kind: str, identity: str, limit: int) -> None:
+        """Refuse without a round trip when this process saw ``identity`` over its limit."""
+        window = self._blocked.get((kind, identity))
+        if window is None or limit <= 0:
+            return
+        now = self._clock()
+        if window != int(now // WINDOW_S):
+            self._blocked.pop((kind, identity), None)
+            return
+        raise self._refusal(kind, limit, max(1, int((window + 1) * WINDOW_S - now)))
+
+    def _over(self, pending: PendingCount, results: Sequence[Any]) -> int | None:
+        if int(results[pending.index]) <= pending.limit:
+            return None
+        if len(self._blocked) > MAX_BLOCKED:  # bounded: forget the oldest windows
+            self._blocked.clear()
+        self._blocked[(pending.kind, pending.identity)] = pending.window
+        return max(1, int((pending.window + 1) * WINDOW_S - self._clock()))
+
+    @staticmethod
+    def _refusal(kind: str, limit: int, retry_after: int) -> RateLimited:
+        return RateLimited(
+            f"too many requests for this {kind.replace('_', ' ')} "
+            f"(limit {limit} per minute); retry after {retry_after}s",
+            reason=f"rate_limited_{kind}",
+            retry_after=retry_after,
+        )
 
 
 class MintBudget:
