@@ -103,13 +103,26 @@ class AuditRecord:
     hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The record as a plain dict (shallow: values are immutable or owned by the record)."""
+        return {name: getattr(self, name) for name in _RECORD_FIELDS}
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
 
 
 def new_writer_id() -> str:
     """Unique per process: host (the pod name in Kubernetes), pid, and randomness for restarts."""
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class _Pending:
+    """A record waiting for the group commit that stores it."""
+
+    body: dict[str, Any]
+    done: bool = False
+    error: BaseException | None = None
 
 
 @dataclass
@@ -149,6 +162,9 @@ class AuditLog:
         self._every = checkpoint_every
         self._interval = checkpoint_interval_s
         self._lock = threading.Lock()  # serialises seq/prev so each writer's chain is linear
+        self._queue_cv = threading.Condition()  # guards _queue and _committing
+        self._queue: list[_Pending] = []
+        self._committing = False
         self._start_chain(writer or new_writer_id())
         self._last_retention = clock()
         self._folds: dict[tuple[str, str, str], _Fold] = {}
@@ -173,18 +189,66 @@ class AuditLog:
     def append(self, record: AuditRecord) -> dict[str, Any]:
         """Store ``record`` (chained) in Redis and echo it on stdout; return what was stored.
 
+        Group commit: concurrent appends of this process wait for one transaction that carries
+        all their records. Whoever finds no commit under way leads: it takes every queued
+        record, chains them in order, stores them in one round trip, wakes the others, and
+        hands leadership to a waiter. Each caller returns only once its own record is stored.
+
         Raises :class:`StoreUnavailable` when Redis cannot take it; the record still goes to
         stdout with ``stored: false`` so it is not lost.
         """
-        with self._lock:
-            body = record.to_dict()
-            self._recover_locked(body)
-            body = self._chain(body, self._seq + 1, self._prev)
-            bodies = [body]
-            if self._signer is not None and self._unsealed + 1 >= self._every:
-                bodies.append(self._checkpoint_body(body["seq"] + 1, body["hash"], final=False))
+        pending = _Pending(record.to_dict())
+        with self._queue_cv:
+            self._queue.append(pending)
+            while not pending.done and self._committing:
+                self._queue_cv.wait()
+            lead = not pending.done
+            if lead:
+                self._committing = True
+                batch, self._queue = self._queue, []
+        if lead:
+            try:
+                with self._lock:
+                    self._commit_batch_locked(batch)
+            finally:
+                with self._queue_cv:
+                    self._committing = False
+                    self._queue_cv.notify_all()
+        if pending.error is not None:
+            raise StoreUnavailable(
+                "the audit log is unavailable; nothing was issued", retry_after=1
+            ) from pending.error
+        return pending.body
+
+    def _commit_batch_locked(self, batch: list[_Pending]) -> None:
+        """Chain ``batch`` (checkpoints inserted where due) and store it in one transaction.
+
+        Fails closed: unless the store succeeded, every caller in the batch gets an error.
+        """
+        error: BaseException | None = RuntimeError("audit batch was not stored")
+        try:
+            self._recover_locked([p.body for p in batch])
+            bodies: list[dict[str, Any]] = []
+            seq, prev, unsealed = self._seq, self._prev, self._unsealed
+            for p in batch:
+                body = self._chain(p.body, seq + 1, prev)
+                bodies.append(body)
+                seq, prev, unsealed = seq + 1, body["hash"], unsealed + 1
+                if self._signer is not None and unsealed >= self._every:
+                    cp = self._checkpoint_body(seq + 1, prev, final=False, records=unsealed)
+                    bodies.append(cp)
+                    seq, prev, unsealed = seq + 1, cp["hash"], 0
             self._store_locked(bodies)
-        return body
+            error = None
+        except StoreUnavailable as exc:
+            error = exc.__cause__ or exc
+        except Exception as exc:
+            log.exception("audit batch not stored")
+            error = exc
+        finally:
+            for p in batch:
+                p.error = error
+                p.done = True
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
         """Seal the chain's head now; None when there is nothing to seal (or no signer).
@@ -195,10 +259,12 @@ class AuditLog:
         with self._lock:
             if self._signer is None:
                 return None
-            self._recover_locked(None)
+            self._recover_locked([])
             if self._seq == 0 or (not final and self._unsealed == 0):
                 return None
-            body = self._checkpoint_body(self._seq + 1, self._prev, final=final)
+            body = self._checkpoint_body(
+                self._seq + 1, self._prev, final=final, records=self._unsealed
+            )
             self._store_locked([body])
             if final:
                 self._start_chain(new_writer_id())
@@ -212,7 +278,10 @@ class AuditLog:
         body["hash"] = chain_hash(body)
         return body
 
-    def _checkpoint_body(self, seq: int, prev: str, *, final: bool) -> dict[str, Any]:
+    def _checkpoint_body(
+        self, seq: int, prev: str, *, final: bool, records: int
+    ) -> dict[str, Any]:
+        """A signed checkpoint sealing ``prev`` (the head after ``records`` unsealed ones)."""
         signer = self._signer
         assert signer is not None
         now = rfc3339(self._clock())
@@ -230,7 +299,7 @@ class AuditLog:
                 "key_id": signer.key_id,
                 "signature": signer.sign(message),
                 "final": final,
-                "records": self._unsealed + (0 if prev == self._prev else 1),
+                "records": records,
             },
         )
         return self._chain(record.to_dict(), seq, prev)
@@ -265,8 +334,7 @@ class AuditLog:
             # Maybe stored, maybe not (a lost reply): the next append looks before chaining on.
             self._uncertain = bodies
             self.store.indexer.forget()
-            for b in bodies:
-                self._emit(dict(b, stored=False))
+            self._emit_many([dict(b, stored=False) for b in bodies])
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from exc
@@ -283,9 +351,9 @@ class AuditLog:
                 self._unsealed += 1
                 if self._unsealed_since is None:
                     self._unsealed_since = self._clock()
-            self._emit(b)
+        self._emit_many(bodies)
 
-    def _recover_locked(self, pending: dict[str, Any] | None) -> None:
+    def _recover_locked(self, pending: list[dict[str, Any]]) -> None:
         """After a failed store, learn whether Redis has the records after all (lost reply)."""
         if self._uncertain is None:
             return
@@ -293,8 +361,7 @@ class AuditLog:
         try:
             tail = self.store.tail(self.writer, len(uncertain))
         except redis.RedisError as exc:
-            if pending is not None:
-                self._emit(dict(pending, writer=self.writer, stored=False))
+            self._emit_many([dict(b, writer=self.writer, stored=False) for b in pending])
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from exc
@@ -383,10 +450,14 @@ class AuditLog:
     # -- output and reading --------------------------------------------------------------------
 
     def _emit(self, body: dict[str, Any]) -> None:
-        if not self._stdout:
+        self._emit_many([body])
+
+    def _emit_many(self, bodies: list[dict[str, Any]]) -> None:
+        """One JSON line per record on stdout, in one write (the witness outside Redis)."""
+        if not self._stdout or not bodies:
             return
         out = self._out or sys.stdout
-        out.write(orjson.dumps({"audit": body}).decode() + "\n")
+        out.write("".join(orjson.dumps({"audit": b}).decode() + "\n" for b in bodies))
         out.flush()
 
     def recent(self, count: int = 100, *, checkpoints: bool = False) -> list[dict[str, Any]]:
