@@ -321,7 +321,7 @@ def test_group_commit_stores_concurrent_appends_in_fewer_transactions(monkeypatc
         start.wait()
         try:
             results.append(a.append(rec(request_id=f"r{i}")))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
