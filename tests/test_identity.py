@@ -1373,3 +1373,20 @@ def test_one_issuer_down_does_not_affect_another(
     other = sign(rsa_key, claims(iss="https://other.example", iat=now, nbf=now, exp=now + 60))
     refused(verifier, other, "unknown_key", "'remote'", "unavailable")
     assert not verifier.ready()
+
+
+def test_signature_segment_must_be_strict_base64url(tmp_path):
+    """A valid signature with extra characters (ignored by lenient decoders) is refused."""
+    from broker.errors import InvalidSubjectToken
+    from broker.identity import Verifier
+    from broker.settings import IssuerSettings
+    from tests.support import AUDIENCE, LocalIssuer
+
+    iss = LocalIssuer()
+    v = Verifier([IssuerSettings(name="t", issuer=iss.issuer, audiences=(AUDIENCE,),
+                                 jwks_file=str(iss.write_jwks(tmp_path / "k.json")))])
+    token = iss.token()
+    assert v.verify(token).namespace == "flux-system"
+    with pytest.raises(InvalidSubjectToken) as info:
+        v.verify(token + "!!")
+    assert info.value.reason == "token_malformed"
