@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
@@ -123,6 +123,7 @@ class _Pending:
     body: dict[str, Any]
     done: bool = False
     error: BaseException | None = None
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -162,7 +163,7 @@ class AuditLog:
         self._every = checkpoint_every
         self._interval = checkpoint_interval_s
         self._lock = threading.Lock()  # serialises seq/prev so each writer's chain is linear
-        self._queue_cv = threading.Condition()  # guards _queue and _committing
+        self._queue_lock = threading.Lock()  # guards _queue and _committing
         self._queue: list[_Pending] = []
         self._committing = False
         self._start_chain(writer or new_writer_id())
@@ -198,27 +199,33 @@ class AuditLog:
         stdout with ``stored: false`` so it is not lost.
         """
         pending = _Pending(record.to_dict())
-        with self._queue_cv:
+        with self._queue_lock:
             self._queue.append(pending)
-            while not pending.done and self._committing:
-                self._queue_cv.wait()
-            lead = not pending.done
-            if lead:
-                self._committing = True
-                batch, self._queue = self._queue, []
-        if lead:
-            try:
-                with self._lock:
-                    self._commit_batch_locked(batch)
-            finally:
-                with self._queue_cv:
-                    self._committing = False
-                    self._queue_cv.notify_all()
+            lead = not self._committing
+            self._committing = True
+        if not lead:
+            pending.wake.wait()  # set when stored (or failed), or when handed the lead
+        if not pending.done:
+            self._lead()
         if pending.error is not None:
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from pending.error
         return pending.body
+
+    def _lead(self) -> None:
+        """Commit everything queued, then hand the lead to the next waiter (or give it up)."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        try:
+            with self._lock:
+                self._commit_batch_locked(batch)
+        finally:
+            with self._queue_lock:
+                if self._queue:
+                    self._queue[0].wake.set()  # not done: it wakes up as the next leader
+                else:
+                    self._committing = False
 
     def _commit_batch_locked(self, batch: list[_Pending]) -> None:
         """Chain ``batch`` (checkpoints inserted where due) and store it in one transaction.
@@ -249,6 +256,7 @@ class AuditLog:
             for p in batch:
                 p.error = error
                 p.done = True
+                p.wake.set()
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
         """Seal the chain's head now; None when there is nothing to seal (or no signer).

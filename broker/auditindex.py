@@ -45,6 +45,10 @@ INDEXED_FIELDS = {
 DECISIONS = ("issued", "denied", "error")
 EVENTS = ("token.exchange", "roles.changed", "roles.reloaded", "cache.purged", "audit.read",
           "audit.checkpoint")
+# Values so common that their index would nearly copy ``all`` (most records are issued token
+# exchanges): not indexed, which saves two writes per record on the hot path. Queries for them
+# walk ``all`` and check the field (dense matches, so a page fills quickly).
+UNINDEXED = frozenset({("decision", "issued"), ("event", EVENT_EXCHANGE)})
 MAX_VALUE_CHARS = 1024  # longer values are not indexed (nothing legitimate is that long)
 TTL_MEMO_MAX = 50_000  # keys whose expiry this process set today; cleared when full
 
@@ -100,7 +104,12 @@ class IndexKeys:
         yield self.all
         for name, field in INDEXED_FIELDS.items():
             value = record.get(field)
-            if isinstance(value, str) and value and len(value) <= MAX_VALUE_CHARS:
+            if (
+                isinstance(value, str)
+                and value
+                and len(value) <= MAX_VALUE_CHARS
+                and (name, value) not in UNINDEXED
+            ):
                 yield self.index(name, value)
 
 

@@ -28,7 +28,7 @@ import orjson
 import redis
 
 from broker.auditchain import rfc3339
-from broker.auditindex import DECISIONS, INDEXED_FIELDS, parse_pointer
+from broker.auditindex import DECISIONS, INDEXED_FIELDS, UNINDEXED, parse_pointer
 from broker.auditstore import AuditStore, decode_entry
 from broker.errors import InvalidRequest, StoreUnavailable
 
@@ -187,7 +187,12 @@ def resolve_subject(value: str, issuers: Mapping[str, IssuerRef]) -> tuple[str, 
 
 
 def _indexes_of(query: Query) -> list[str]:
-    return [FILTER_INDEX[f] for f in FILTER_INDEX if getattr(query, f) is not None]
+    """The index streams that could serve ``query`` (values in UNINDEXED have none)."""
+    return [
+        FILTER_INDEX[f]
+        for f in FILTER_INDEX
+        if getattr(query, f) is not None and (FILTER_INDEX[f], getattr(query, f)) not in UNINDEXED
+    ]
 
 
 @dataclass(frozen=True, slots=True)
