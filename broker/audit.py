@@ -116,6 +116,12 @@ def new_writer_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass
 class _Pending:
     """A record waiting for the group commit that stores it."""
@@ -123,7 +129,10 @@ class _Pending:
     body: dict[str, Any]
     done: bool = False
     error: BaseException | None = None
-    wake: threading.Event = field(default_factory=threading.Event)
+    leader: bool = False
+    # Held from creation; released exactly once, by the leader that stores this record or
+    # hands it the lead. A bare lock is the cheapest wake-up (Event.set goes through Python).
+    wake: threading.Lock = field(default_factory=_held_lock)
 
 
 @dataclass
@@ -203,8 +212,10 @@ class AuditLog:
             self._queue.append(pending)
             lead = not self._committing
             self._committing = True
-        if not lead:
-            pending.wake.wait()  # set when stored (or failed), or when handed the lead
+        if lead:
+            pending.leader = True
+        else:
+            pending.wake.acquire()  # released when stored (or failed), or when handed the lead
         if not pending.done:
             self._lead()
         if pending.error is not None:
@@ -223,7 +234,9 @@ class AuditLog:
         finally:
             with self._queue_lock:
                 if self._queue:
-                    self._queue[0].wake.set()  # not done: it wakes up as the next leader
+                    nxt = self._queue[0]
+                    nxt.leader = True
+                    nxt.wake.release()  # not done: it wakes up as the next leader
                 else:
                     self._committing = False
 
@@ -256,7 +269,8 @@ class AuditLog:
             for p in batch:
                 p.error = error
                 p.done = True
-                p.wake.set()
+                if not p.leader:  # a leader's wake was released already (or never waited)
+                    p.wake.release()
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
         """Seal the chain's head now; None when there is nothing to seal (or no signer).

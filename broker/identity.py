@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
+import orjson
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -109,7 +110,8 @@ def _b64json(segment: str) -> Any:
     if not _B64URL.fullmatch(segment):
         raise ValueError("not base64url")
     raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    return json.loads(raw, parse_constant=_no_constants)
+    # orjson: strict JSON (NaN/Infinity refused) and several times faster than json.
+    return orjson.loads(raw)
 
 
 def key_id(public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:

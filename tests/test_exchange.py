@@ -289,3 +289,20 @@ def test_health(broker):
     assert broker.client.get("/readyz").status_code == 200
     assert broker.client.get("/nope").status_code == 404
     assert broker.client.get("/v1/token").status_code == 405
+
+
+def test_form_with_too_many_fields_is_refused(broker):
+    body = "&".join(f"f{i}=x" for i in range(100))
+    resp = broker.client.post("/v1/token", data=body, content_type="application/x-www-form-urlencoded")
+    assert resp.status_code == 400 and resp.json["error"] == "invalid_request"
+    assert broker.audit()[0]["reason"] == "malformed_body"
+
+
+def test_form_plus_means_space_in_scope(broker):
+    from urllib.parse import quote
+
+    token = broker.issuer.token()
+    body = (f"grant_type={quote(GRANT)}&subject_token_type={quote(JWT_TYPE)}&subject_token={token}"
+            "&scope=https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fcloud-platform+https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fuserinfo.email")
+    resp = broker.client.post("/v1/token", data=body, content_type="application/x-www-form-urlencoded")
+    assert resp.status_code == 200, resp.json
