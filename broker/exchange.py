@@ -174,6 +174,7 @@ class TokenExchange:
         try:
             results = pipe.execute()
         except redis.RedisError as exc:
+            self._limiter.write_failed()
             raise StoreUnavailable(
                 f"store unavailable ({type(exc).__name__})", retry_after=1
             ) from exc

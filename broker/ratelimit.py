@@ -54,6 +54,7 @@ class RateLimiter:
         self._prefix = prefix
         self._clock = clock
         self._blocked: dict[tuple[str, str], int] = {}  # (kind, identity) -> window over limit
+        self._expiry_set = -1  # the window whose hash this process gave an expiry
 
     def hit(self, kind: str, identity: str, limit: int) -> None:
         """Count one request of ``identity`` (hashed) against ``limit`` per minute; 0 = off."""
@@ -70,6 +71,7 @@ class RateLimiter:
             pending = self.queue(pipe, kind, identity, limit)
             results = pipe.execute()
         except redis.RedisError as exc:
+            self.write_failed()
             raise StoreUnavailable("rate limiter unavailable", retry_after=1) from exc
         assert pending is not None
         return self._over(pending, results)
@@ -82,11 +84,19 @@ class RateLimiter:
             return None
         window = int(self._clock() // WINDOW_S)
         digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
-        key = f"{self._prefix}rl:{kind}:{digest}:{window}"
+        # One hash per minute holds every counter of that window: one HINCRBY per hit, and
+        # its expiry is set once per window by each process, not on every hit.
+        key = f"{self._prefix}rl:{window}"
         index = len(pipe)
-        pipe.incr(key)
-        pipe.expire(key, WINDOW_S + 5)
+        pipe.hincrby(key, f"{kind}:{digest}", 1)
+        if self._expiry_set != window:
+            pipe.expire(key, WINDOW_S + 5)
+            self._expiry_set = window
         return PendingCount(kind, identity, limit, window, index)
+
+    def write_failed(self) -> None:
+        """A pipeline carrying queued hits failed: the window's expiry may not be set."""
+        self._expiry_set = -1
 
     def settle(self, pending: PendingCount | None, results: Sequence[Any]) -> None:
         """Raise :class:`RateLimited` if the queued hit went over its limit."""

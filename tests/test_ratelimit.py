@@ -95,3 +95,43 @@ def test_exchange_spends_the_budget_only_on_mints(make_broker):
     assert int(resp.headers["Retry-After"]) >= 1
     assert len(b.minter.calls) == 1
     assert b.audit()[0]["reason"] == "mint_budget_exhausted"
+
+
+def test_one_command_per_hit_and_the_window_expiry_set_once():
+    client = fakeredis.FakeRedis()
+    rl = RateLimiter(client, prefix="t:", clock=lambda: 600.0)
+    pipe = client.pipeline(transaction=False)
+    first = rl.queue(pipe, "subject", "a", 5)
+    assert len(pipe) == 2  # HINCRBY + the window's EXPIRE
+    second = rl.queue(pipe, "client_ip", "1.2.3.4", 5)
+    assert len(pipe) == 3  # one HINCRBY; the expiry is already queued
+    results = pipe.execute()
+    rl.settle(first, results)
+    rl.settle(second, results)
+    assert 0 < client.ttl("t:rl:10") <= 65
+
+
+def test_failed_write_sets_the_expiry_again():
+    client = fakeredis.FakeRedis()
+    rl = RateLimiter(client, prefix="t:", clock=lambda: 600.0)
+    pipe = client.pipeline(transaction=False)
+    rl.queue(pipe, "subject", "a", 5)
+    rl.write_failed()  # e.g. the pipeline raised
+    pipe2 = client.pipeline(transaction=False)
+    rl.queue(pipe2, "subject", "a", 5)
+    assert len(pipe2) == 2
+
+
+def test_over_limit_caller_is_refused_in_process_until_the_window_ends():
+    now = [600.0]
+    client = fakeredis.FakeRedis()
+    rl = RateLimiter(client, prefix="t:", clock=lambda: now[0])
+    rl.hit("client_ip", "9.9.9.9", 1)
+    with pytest.raises(RateLimited):
+        rl.hit("client_ip", "9.9.9.9", 1)
+    client.flushall()  # even with Redis forgetting, this process remembers until the window ends
+    with pytest.raises(RateLimited):
+        rl.check_blocked("client_ip", "9.9.9.9", 1)
+    rl.check_blocked("client_ip", "8.8.8.8", 1)  # others pass
+    now[0] += 60
+    rl.check_blocked("client_ip", "9.9.9.9", 1)  # a new window
