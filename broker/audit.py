@@ -45,6 +45,7 @@ from broker.auditchain import (
 )
 from broker.auditstore import AuditStore
 from broker.errors import StoreUnavailable
+from broker.redisbatch import CommandRecorder
 from broker.signing import SigningKey
 
 __all__ = [
@@ -340,7 +341,7 @@ class AuditLog:
         try:
             # One round trip, atomic: the records, their index entries and counters, the
             # sealed state when a checkpoint rides along, and the writer's registration.
-            pipe = self._redis.pipeline(transaction=True)
+            pipe: Any = CommandRecorder()  # redis-py command methods, recorded
             for body, entry_id in zip(bodies, entry_ids, strict=True):
                 payload = orjson.dumps({k: v for k, v in body.items() if k != "id"})
                 self.store.queue_append(pipe, self.writer, entry_id, payload, body, now)
@@ -351,7 +352,7 @@ class AuditLog:
                 info = {"started": rfc3339(now), "host": socket.gethostname()[:64],
                         "pid": os.getpid()}
                 pipe.hset(self.store.keys.writers, self.writer, orjson.dumps(info))
-            pipe.execute()
+            self.store.run_batch(pipe)
         except redis.RedisError as exc:
             # Maybe stored, maybe not (a lost reply): the next append looks before chaining on.
             self._uncertain = bodies

@@ -31,6 +31,7 @@ from broker.auditchain import entry_of, is_checkpoint, record_id
 from broker.auditindex import IndexKeys, IndexWriter, pointer
 from broker.auditverify import Anchor, AnchorLost, ChainReport, ChainVerifier, VerifyReport
 from broker.errors import InvalidRequest, StoreUnavailable
+from broker.redisbatch import CommandRecorder, run_atomically
 from broker.signing import KeyRing
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,13 @@ class AuditStore:
     ) -> None:
         """Queue one record into ``pipe``: the chain entry at ``entry_id`` (chosen by the
         writer, so the index entries can point at it in the same round trip) and its index
-        entries and counters. The caller executes the pipeline (a MULTI, so all or nothing)."""
+        entries and counters. The caller runs ``pipe`` atomically (:meth:`run_batch`)."""
         pipe.xadd(self.keys.chain(writer), {"r": payload}, id=entry_id)
         self.indexer.queue(pipe, record, pointer(writer, entry_id), now)
+
+    def run_batch(self, batch: CommandRecorder) -> None:
+        """Run queued appends atomically in one round trip. Raises ``redis.RedisError``."""
+        run_atomically(self._redis, batch)
 
     def writers(self) -> dict[str, dict[str, Any]]:
         """Registered writers and what they said about themselves when they registered."""

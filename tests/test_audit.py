@@ -48,21 +48,14 @@ def make_log(client=None, **kw):
 def break_writes(a, monkeypatch, *, stored: bool = False, error=redis.ConnectionError):
     """Make every append's transaction fail (after Redis took it, when ``stored``: a lost
     reply)."""
-    real = a._redis.pipeline
+    real = a.store.run_batch
 
-    def pipeline(*args, **kw):
-        pipe = real(*args, **kw)
-        execute = pipe.execute
+    def fail(batch):
+        if stored:
+            real(batch)
+        raise error("reply lost" if stored else "down")
 
-        def fail(*ea, **ek):
-            if stored:
-                execute(*ea, **ek)
-            raise error("reply lost" if stored else "down")
-
-        pipe.execute = fail
-        return pipe
-
-    monkeypatch.setattr(a._redis, "pipeline", pipeline)
+    monkeypatch.setattr(a.store, "run_batch", fail)
 
 
 def stdout_records(a):
@@ -289,23 +282,16 @@ def test_fingerprint_and_time_format():
 
 
 def _count_transactions(a, monkeypatch, *, delay=0.0):
-    """Count pipelines executed by the writer; ``delay`` holds each one (lets appends queue)."""
-    real = a._redis.pipeline
+    """Count atomic batches run by the writer; ``delay`` holds each one (lets appends queue)."""
+    real = a.store.run_batch
     executed = []
 
-    def pipeline(*args, **kw):
-        pipe = real(*args, **kw)
-        execute = pipe.execute
+    def run(batch):
+        time.sleep(delay)
+        executed.append(len(batch))
+        return real(batch)
 
-        def run(*ea, **ek):
-            time.sleep(delay)
-            executed.append(len(pipe))
-            return execute(*ea, **ek)
-
-        pipe.execute = run
-        return pipe
-
-    monkeypatch.setattr(a._redis, "pipeline", pipeline)
+    monkeypatch.setattr(a.store, "run_batch", run)
     return executed
 
 

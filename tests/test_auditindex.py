@@ -85,28 +85,21 @@ def test_checkpoints_are_in_the_all_and_event_indexes():
     assert entries(log._redis, keys.index("decision", "issued")) == []  # UNINDEXED
 
 
-def test_one_transaction_per_append():
+def test_one_transaction_per_append(monkeypatch):
     client = fakeredis.FakeRedis()
     log = make_log(client)
     log.append(rec())  # registration, first expiries
     calls = []
-    real = client.pipeline
+    real = log.store.run_batch
 
-    def spy(*a, **kw):
-        pipe = real(*a, **kw)
-        execute = pipe.execute
+    def spy(batch):
+        calls.append([str(c[0]).upper() for c in batch.commands])
+        return real(batch)
 
-        def run(*ea, **ek):
-            calls.append((pipe.transaction, [c[0][0] for c in pipe.command_stack]))
-            return execute(*ea, **ek)
-
-        pipe.execute = run
-        return pipe
-
-    client.pipeline = spy
+    monkeypatch.setattr(log.store, "run_batch", spy)
     log.append(rec(request_id="2"))
-    assert len(calls) == 1 and calls[0][0] is True  # one round trip, a MULTI/EXEC
-    names = calls[0][1]
+    assert len(calls) == 1  # one round trip: one atomic script call
+    names = calls[0]
     # chain + all/subject/role/sa indexes + 1 counter (issued and token.exchange are
     # UNINDEXED); expiries were set by the first append today
     assert names.count("XADD") == 5 and names.count("HINCRBY") == 1
@@ -152,21 +145,14 @@ def test_counter_updates_of_odd_records():
 
 
 def break_writes(log, monkeypatch, *, stored):
-    real = log._redis.pipeline
+    real = log.store.run_batch
 
-    def pipeline(*a, **kw):
-        pipe = real(*a, **kw)
-        execute = pipe.execute
+    def fail(batch):
+        if stored:
+            real(batch)
+        raise redis.TimeoutError("lost")
 
-        def fail(*ea, **ek):
-            if stored:
-                execute(*ea, **ek)
-            raise redis.TimeoutError("lost")
-
-        pipe.execute = fail
-        return pipe
-
-    monkeypatch.setattr(log._redis, "pipeline", pipeline)
+    monkeypatch.setattr(log.store, "run_batch", fail)
 
 
 def test_a_record_not_stored_leaves_no_index_entry_and_expiries_are_set_again(monkeypatch):
