@@ -26,6 +26,7 @@ from broker.identity import Verifier
 from broker.minting import Minter, build_minter
 from broker.policy import RoleTable, load_role_table
 from broker.ratelimit import MintBudget, RateLimiter
+from broker.redismux import Multiplexer
 from broker.refresh import Refresher, RefreshPolicy
 from broker.roles_admin import RoleAdmin, build_role_admin, check_roles_startup
 from broker.settings import Settings
@@ -162,6 +163,10 @@ def create_app(
         signer=signer,
         checkpoint_every=settings.audit.checkpoint_every,
     )
+    # One pipeline in flight per worker, shared by its threads: the hot path's reads (limits,
+    # cache) and audit batches ride together (see broker/redismux.py).
+    mux = Multiplexer(client)
+    audit.store.runner = mux
     role_admin = build_role_admin(
         settings, client=client, env=env, verifier=verifier, audit=audit, cache=cache, clock=clock
     )
@@ -194,7 +199,7 @@ def create_app(
         minter=minter,
         audit=audit,
         limiter=limiter,
-        redis_client=client,
+        mux=mux,
         clock=clock,
         budget=budget,
         # One thread of each worker stays free for health checks while the others wait on IAM.

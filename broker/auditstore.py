@@ -31,7 +31,7 @@ from broker.auditchain import entry_of, is_checkpoint, record_id
 from broker.auditindex import IndexKeys, IndexWriter, pointer
 from broker.auditverify import Anchor, AnchorLost, ChainReport, ChainVerifier, VerifyReport
 from broker.errors import InvalidRequest, StoreUnavailable
-from broker.redisbatch import CommandRecorder, run_atomically
+from broker.redisbatch import CommandRecorder, Runner, run_atomically
 from broker.signing import KeyRing
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class AuditStore:
         self, client: redis.Redis, *, prefix: str = "tb:", retention_s: float = 30 * 86400.0
     ) -> None:
         self._redis = client
+        self.runner: Runner | None = None  # set by the app: shares round trips (redismux)
         self.keys = AuditKeys(prefix)
         self.index_keys = IndexKeys(prefix)
         self.indexer = IndexWriter(self.index_keys, retention_s=retention_s)
@@ -129,8 +130,9 @@ class AuditStore:
         self.indexer.queue(pipe, record, pointer(writer, entry_id), now)
 
     def run_batch(self, batch: CommandRecorder) -> None:
-        """Run queued appends atomically in one round trip. Raises ``redis.RedisError``."""
-        run_atomically(self._redis, batch)
+        """Run queued appends atomically in one round trip (shared through the process's
+        multiplexer when it has one). Raises ``redis.RedisError``."""
+        run_atomically(self._redis, batch, self.runner)
 
     def writers(self) -> dict[str, dict[str, Any]]:
         """Registered writers and what they said about themselves when they registered."""

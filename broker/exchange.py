@@ -21,6 +21,8 @@ from broker.model import AccessToken, MintRequest, WorkloadIdentity
 from broker.policy import RoleTable, decide
 from broker.protocol import parse_token_request, token_response
 from broker.ratelimit import MintBudget, RateLimiter
+from broker.redisbatch import CommandRecorder
+from broker.redismux import Multiplexer
 from broker.refresh import Refresher
 from broker.settings import Settings
 
@@ -57,7 +59,7 @@ class TokenExchange:
         minter: Minter,
         audit: AuditLog,
         limiter: RateLimiter,
-        redis_client: redis.Redis,
+        mux: Multiplexer,
         clock: Callable[[], float] = time.time,
         budget: MintBudget | None = None,
         bulkhead: Bulkhead | None = None,
@@ -70,7 +72,7 @@ class TokenExchange:
         self._minter = minter
         self._audit = audit
         self._limiter = limiter
-        self._redis = redis_client
+        self._mux = mux
         self._clock = clock
         self._budget = budget
         self._bulkhead = bulkhead
@@ -161,7 +163,7 @@ class TokenExchange:
         self, ctx: RequestContext, identity: WorkloadIdentity, key: str
     ) -> AccessToken | None:
         limits = self._settings.rate_limit
-        pipe = self._redis.pipeline(transaction=False)
+        pipe: Any = CommandRecorder()  # redis-py command methods, recorded
         by_ip = (
             self._limiter.queue(pipe, "client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
             if ctx.client_ip
@@ -172,7 +174,7 @@ class TokenExchange:
         )
         at = self._cache.queue_get(pipe, key)
         try:
-            results = pipe.execute()
+            results = self._mux.run(pipe)
         except redis.RedisError as exc:
             self._limiter.write_failed()
             raise StoreUnavailable(

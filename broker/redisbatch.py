@@ -15,7 +15,7 @@ slots anyway (see docs/audit.md on Redis Cluster).
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from redis.commands.core import CoreCommands
@@ -50,15 +50,34 @@ class CommandRecorder(CoreCommands):
         return len(self.commands)
 
 
-def run_atomically(client: redis.Redis, recorder: CommandRecorder) -> None:
-    """Run every recorded command in one script call. Raises ``redis.RedisError``."""
+class Runner(Protocol):
+    """Something that sends recorded commands and returns their replies (a Multiplexer)."""
+
+    def run(self, recorder: CommandRecorder) -> list[Any]: ...
+
+
+def run_atomically(
+    client: redis.Redis, recorder: CommandRecorder, runner: Runner | None = None
+) -> None:
+    """Run every recorded command in one script call (through ``runner`` when given, to share
+    its round trip). Raises ``redis.RedisError``."""
     if not recorder.commands:
         return
     flat: list[Any] = []
     for command in recorder.commands:
         flat.append(len(command))
         flat.extend(command)
+    if runner is None:
+        try:
+            client.evalsha(SCRIPT_SHA, 0, *flat)
+        except redis.exceptions.NoScriptError:
+            client.eval(SCRIPT, 0, *flat)  # first use on this server (or after SCRIPT FLUSH)
+        return
+    call = CommandRecorder()
+    call.execute_command("EVALSHA", SCRIPT_SHA, 0, *flat)
     try:
-        client.evalsha(SCRIPT_SHA, 0, *flat)
+        runner.run(call)
     except redis.exceptions.NoScriptError:
-        client.eval(SCRIPT, 0, *flat)  # first use on this server (or after SCRIPT FLUSH)
+        call = CommandRecorder()
+        call.execute_command("EVAL", SCRIPT, 0, *flat)
+        runner.run(call)
