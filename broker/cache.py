@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -53,6 +54,7 @@ _POLL_S = 0.03  # waiters re-read the cache this often: fast enough, cheap for R
 _INDEX_TTL_S = 13 * 3600
 
 
+@functools.lru_cache(maxsize=4096)  # pure; roles are few and every hit computes it
 def cache_key(role_name: str, request: MintRequest) -> str:
     """SHA-256 hex of a canonical encoding of everything that makes two tokens interchangeable.
 
