@@ -15,6 +15,8 @@ class BrokerError(Exception):
     error: str = "server_error"
     status: int = 500
     default_reason: str = "internal_error"
+    # Extra members of the error body (e.g. the list of problems of a refused role table).
+    extra: dict[str, object] | None = None
 
     def __init__(
         self,

@@ -163,8 +163,9 @@ def token_response(access_token: str, expires_in: int, scopes: Iterable[str]) ->
 
 
 def error_response(error: BrokerError, request_id: str) -> dict[str, Any]:
-    """RFC 6749 §5.2 error body plus our request id."""
+    """RFC 6749 §5.2 error body plus our request id (and the error's extra members)."""
     return {
+        **(error.extra or {}),
         "error": error.error,
         "error_description": error.description,
         "request_id": request_id,

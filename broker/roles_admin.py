@@ -81,6 +81,7 @@ class InvalidRoleTable(InvalidRequest):
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         super().__init__(f"the role table would not be valid: {shown}{more}")
         self.problems = problems
+        self.extra = {"problems": [problem_text(p) for p in problems]}
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from broker.access import Permission
 from broker.errors import InvalidRequest, RequestTooLarge
 from broker.exchange import RequestContext
-from broker.http import broker, error_json, json_response, request_id, require
+from broker.http import broker, json_response, request_id, require
 from broker.policy import role_digest, role_to_dict
 from broker.ratelimit import client_ip
-from broker.roles_admin import InvalidRoleTable, Preconditions, RoleAdmin, WriteResult
-from broker.roles_effects import problem_text
+from broker.roles_admin import Preconditions, RoleAdmin, WriteResult
 
 if TYPE_CHECKING:
     from broker.roles_source import RoleSource
@@ -82,16 +81,6 @@ def _json_body() -> Any:
 
 def _source_info(source: RoleSource) -> dict[str, Any]:
     return {"source": source.kind, "revision": source.revision}
-
-
-@bp.errorhandler(InvalidRoleTable)
-def _invalid_table(exc: InvalidRoleTable) -> Response:
-    """Like every error, plus the list of problems, each naming the role and field."""
-    resp = error_json(exc)
-    body = orjson.loads(resp.get_data())
-    body["problems"] = [problem_text(p) for p in exc.problems]
-    resp.set_data(orjson.dumps(body))
-    return resp
 
 
 def _write_response(result: WriteResult, status: int = 200, **extra: Any) -> Response:
