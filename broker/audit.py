@@ -46,6 +46,7 @@ from broker.auditchain import (
 from broker.auditstore import AuditStore
 from broker.errors import StoreUnavailable
 from broker.redisbatch import CommandRecorder
+from broker.redismux import held_lock
 from broker.signing import SigningKey
 
 __all__ = [
@@ -117,12 +118,6 @@ def new_writer_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def _held_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
 @dataclass
 class _Pending:
     """A record waiting for the group commit that stores it."""
@@ -133,7 +128,7 @@ class _Pending:
     leader: bool = False
     # Held from creation; released exactly once, by the leader that stores this record or
     # hands it the lead. A bare lock is the cheapest wake-up (Event.set goes through Python).
-    wake: threading.Lock = field(default_factory=_held_lock)
+    wake: threading.Lock = field(default_factory=held_lock)
 
 
 @dataclass

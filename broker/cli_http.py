@@ -25,7 +25,8 @@ class CliFailure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_REFUSED) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click >= 8.5 declares exit_code a ClassVar; an instance value still wins at runtime.
+        setattr(self, "exit_code", exit_code)  # noqa: B010
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {self.message}", err=True)

@@ -23,7 +23,9 @@ import redis
 from broker.redisbatch import CommandRecorder
 
 
-def _held_lock() -> threading.Lock:
+def held_lock() -> threading.Lock:
+    """A lock already held: one ``release`` wakes the one thread waiting in ``acquire`` (the
+    cheapest cross-thread wake-up; Event.set goes through Python code)."""
     lock = threading.Lock()
     lock.acquire()
     return lock
@@ -36,7 +38,7 @@ class _Call:
     error: BaseException | None = None
     done: bool = False
     leader: bool = False
-    wake: threading.Lock = field(default_factory=_held_lock)  # released once: done or lead
+    wake: threading.Lock = field(default_factory=held_lock)  # released once: done or lead
 
 
 class Multiplexer:

@@ -15,6 +15,7 @@ from broker.protocol import NO_STORE_HEADERS, error_response
 if TYPE_CHECKING:
     from broker.access import Caller, Permission
     from broker.app import Broker
+    from broker.exchange import RequestContext
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -42,6 +43,22 @@ def request_id() -> str:
         rid = secrets.token_hex(8)
         g.request_id = rid
     return str(rid)
+
+
+def request_context() -> RequestContext:
+    """Who is calling, from the transport's point of view (client IP behind trusted proxies)."""
+    from broker.exchange import RequestContext
+    from broker.ratelimit import client_ip
+
+    return RequestContext(
+        request_id=request_id(),
+        client_ip=client_ip(
+            request.remote_addr,
+            request.headers.get("X-Forwarded-For"),
+            broker().settings.server.trusted_proxies,
+        ),
+        user_agent=request.headers.get("User-Agent"),
+    )
 
 
 def broker() -> Broker:

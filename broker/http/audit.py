@@ -21,10 +21,8 @@ from broker.auditquery import FILTERS, AuditReader, Cursor, Page, Query, issuer_
 from broker.auditreads import bearer_token, params_of, read_record
 from broker.auditreport import build_report
 from broker.errors import BrokerError, Forbidden, InvalidRequest, StoreUnavailable, Unauthorized
-from broker.exchange import RequestContext
-from broker.http import broker, json_response, request_id
+from broker.http import broker, json_response, request_context
 from broker.protocol import NO_STORE_HEADERS
-from broker.ratelimit import client_ip
 
 bp = Blueprint("audit", __name__)
 
@@ -98,21 +96,13 @@ def _query_args() -> tuple[Query, str | None]:
 # -- audit.read records ------------------------------------------------------------------------
 
 
-def _ctx() -> RequestContext:
-    return RequestContext(
-        request_id=request_id(),
-        client_ip=client_ip(request.remote_addr, request.headers.get("X-Forwarded-For"),
-                            broker().settings.server.trusted_proxies),
-        user_agent=request.headers.get("User-Agent"),
-    )
-
 
 def _audited(endpoint: str, handler: Callable[[Caller], tuple[Response, dict[str, Any]]]
              ) -> Response:
     """Authenticate an auditor and run ``handler``; record the read (or its refusal). The
     response leaves only once its record is stored."""
     b = broker()
-    ctx, token = _ctx(), bearer_token(request.headers.get("Authorization"))
+    ctx, token = request_context(), bearer_token(request.headers.get("Authorization"))
     caller: Caller | None = None
     try:
         caller = b.access.authenticate(request.headers.get("Authorization"))

@@ -14,10 +14,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from broker.access import Permission
 from broker.errors import InvalidRequest, RequestTooLarge
-from broker.exchange import RequestContext
-from broker.http import broker, json_response, request_id, require
+from broker.http import broker, json_response, request_context, require
 from broker.policy import role_digest, role_to_dict
-from broker.ratelimit import client_ip
 from broker.roles_admin import Preconditions, RoleAdmin, WriteResult
 
 if TYPE_CHECKING:
@@ -37,18 +35,6 @@ def _admin() -> RoleAdmin:
 def _etag(digest: str) -> str:
     return f'"{digest}"'
 
-
-def _ctx() -> RequestContext:
-    b = broker()
-    return RequestContext(
-        request_id=request_id(),
-        client_ip=client_ip(
-            request.remote_addr,
-            request.headers.get("X-Forwarded-For"),
-            b.settings.server.trusted_proxies,
-        ),
-        user_agent=request.headers.get("User-Agent"),
-    )
 
 
 def _preconditions() -> Preconditions:
@@ -106,7 +92,9 @@ def list_roles() -> Response:
 def put_table() -> Response:
     dry_run = request.args.get("dry_run", "").lower() in ("1", "true", "yes")
     caller = require(*(READ if dry_run else WRITE))
-    result = _admin().put_table(_json_body(), _preconditions(), caller, _ctx(), dry_run=dry_run)
+    result = _admin().put_table(
+        _json_body(), _preconditions(), caller, request_context(), dry_run=dry_run
+    )
     return _write_response(result)
 
 
@@ -139,7 +127,7 @@ def put_role(name: str) -> Response:
     admin = _admin()
     pre = _preconditions()
     body = _json_body()
-    result, role, created = admin.put_role(name, body, pre, caller, _ctx())
+    result, role, created = admin.put_role(name, body, pre, caller, request_context())
     resp = _write_response(result, 201 if created else 200, role=role_to_dict(role))
     resp.headers["ETag"] = _etag(role_digest(role))
     return resp
@@ -148,14 +136,14 @@ def put_role(name: str) -> Response:
 @bp.delete("/v1/roles/<name>")
 def delete_role(name: str) -> Response:
     caller = require(*WRITE)
-    result = _admin().delete_role(name, _preconditions(), caller, _ctx())
+    result = _admin().delete_role(name, _preconditions(), caller, request_context())
     return _write_response(result, 200, deleted=name)
 
 
 @bp.post("/v1/cache/purge")
 def purge() -> Response:
     caller = require(*WRITE)
-    return json_response(_admin().purge(_json_body(), caller, _ctx()))
+    return json_response(_admin().purge(_json_body(), caller, request_context()))
 
 
 @bp.post("/v1/explain")

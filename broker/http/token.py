@@ -9,10 +9,8 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from broker.errors import BrokerError, InvalidRequest, RequestTooLarge
-from broker.exchange import RequestContext
-from broker.http import broker, json_response, request_id
+from broker.http import broker, json_response, request_context
 from broker.protocol import NO_STORE_HEADERS, params_from_json, params_from_pairs
-from broker.ratelimit import client_ip
 
 bp = Blueprint("token", __name__)
 MAX_FIELDS = 64  # a token request has fewer than ten
@@ -21,15 +19,7 @@ MAX_FIELDS = 64  # a token request has fewer than ten
 @bp.post("/v1/token")
 def token() -> Response:
     b = broker()
-    ctx = RequestContext(
-        request_id=request_id(),
-        client_ip=client_ip(
-            request.remote_addr,
-            request.headers.get("X-Forwarded-For"),
-            b.settings.server.trusted_proxies,
-        ),
-        user_agent=request.headers.get("User-Agent"),
-    )
+    ctx = request_context()
     try:
         params = _token_params()
     except BrokerError as exc:
