@@ -251,7 +251,10 @@ def _start_fold_flusher(audit: AuditLog) -> None:
 
     def loop() -> None:
         while not stop.wait(0.5):
-            audit.tick()
+            try:
+                audit.tick()
+            except Exception:  # the loop must outlive any one failure (Redis blips included)
+                log.exception("audit background work failed; retrying")
 
     def final_flush() -> None:
         stop.set()

@@ -453,7 +453,7 @@ class AuditLog:
             if not self.store.try_lock_retention(self.writer, RETENTION_EVERY_S * 0.9):
                 return 0
             return self.store.apply_retention(now=self._clock(), retention_s=self._retention_s)
-        except redis.RedisError:
+        except (redis.RedisError, StoreUnavailable):
             log.warning("audit retention failed; will retry")
             return 0
 

@@ -14,7 +14,7 @@ from broker import metrics
 from broker.audit import AuditLog, AuditRecord, rfc3339, sha256_hex
 from broker.cache import TokenCache, cache_key
 from broker.circuit import Bulkhead
-from broker.errors import BrokerError, InvalidTarget, RateLimited, StoreUnavailable
+from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
 from broker.identity import Verifier
 from broker.minting import Minter
 from broker.model import AccessToken, MintRequest, WorkloadIdentity
@@ -86,7 +86,7 @@ class TokenExchange:
         raw_token = (params.get("subject_token") or [""])[0].strip()
         identity: WorkloadIdentity | None = None
         role_name: str | None = None
-        ip_counted = False
+        counted = False  # both limits counted (in the hot path's pipeline)
         try:
             if ctx.client_ip:
                 # Callers this process already saw over the limit stop here, before any work.
@@ -117,7 +117,7 @@ class TokenExchange:
             )
             key = cache_key(role.name, mint_request)
             # One round trip counts both rate limits and reads the cache (the hot path).
-            ip_counted = True
+            counted = True
             cached = self._count_and_read(ctx, identity, key)
             if cached is not None:
                 token, hit = cached, True
@@ -147,11 +147,17 @@ class TokenExchange:
             return ExchangeResult(body=body, audit=stored)
         except BrokerError as exc:
             final = exc
-            if ctx.client_ip and not ip_counted and not isinstance(exc, RateLimited):
-                # Refused before the hot path: still counts against the client's IP, so a
-                # flood of garbage is cut off (and then refused before verification).
+            if not counted:
+                # Refused before the hot path: the request still counts against the client's
+                # IP (so a flood of garbage is cut off, then refused before verification) and,
+                # once verified, against the caller; a limit's own refusal is not recounted.
+                hits = []
+                if ctx.client_ip and exc.reason != "rate_limited_client_ip":
+                    hits.append(("client_ip", ctx.client_ip, limits.per_client_ip_per_minute))
+                if identity is not None and exc.reason != "rate_limited_subject":
+                    hits.append(("subject", identity.principal, limits.per_subject_per_minute))
                 try:
-                    self._limiter.hit("client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
+                    self._limiter.hit_many(hits)
                 except BrokerError as limited:
                     final = limited
             self._audit_failure(final, ctx, raw_token, identity, role_name)

@@ -36,7 +36,8 @@ class PendingCount:
     identity: str
     limit: int
     window: int
-    index: int  # position of the INCR reply in the pipeline's results
+    index: int  # position of the HINCRBY reply in the pipeline's results
+    sets_expiry: bool = False  # this hit's pipeline also gives the window its expiry
 
 
 class RateLimiter:
@@ -74,6 +75,8 @@ class RateLimiter:
             self.write_failed()
             raise StoreUnavailable("rate limiter unavailable", retry_after=1) from exc
         assert pending is not None
+        if pending.sets_expiry:
+            self._expiry_set = pending.window
         return self._over(pending, results)
 
     def queue(
@@ -89,10 +92,32 @@ class RateLimiter:
         key = f"{self._prefix}rl:{window}"
         index = len(pipe)
         pipe.hincrby(key, f"{kind}:{digest}", 1)
-        if self._expiry_set != window:
+        sets_expiry = self._expiry_set != window
+        if sets_expiry:  # until a pipeline carrying it has succeeded (see settle)
             pipe.expire(key, WINDOW_S + 5)
-            self._expiry_set = window
-        return PendingCount(kind, identity, limit, window, index)
+        return PendingCount(kind, identity, limit, window, index, sets_expiry)
+
+    def hit_many(self, hits: Sequence[tuple[str, str, int]]) -> None:
+        """Count several ``(kind, identity, limit)`` hits in one round trip; raise the first
+        :class:`RateLimited` (0 = off)."""
+        hits = [h for h in hits if h[2] > 0]
+        if not hits:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pending = [self.queue(pipe, kind, who, limit) for kind, who, limit in hits]
+            results = pipe.execute()
+        except redis.RedisError as exc:
+            self.write_failed()
+            raise StoreUnavailable("rate limiter unavailable", retry_after=1) from exc
+        refusal: RateLimited | None = None
+        for p in pending:
+            try:
+                self.settle(p, results)
+            except RateLimited as limited:
+                refusal = refusal or limited
+        if refusal is not None:
+            raise refusal
 
     def write_failed(self) -> None:
         """A pipeline carrying queued hits failed: the window's expiry may not be set."""
@@ -102,6 +127,8 @@ class RateLimiter:
         """Raise :class:`RateLimited` if the queued hit went over its limit."""
         if pending is None:
             return
+        if pending.sets_expiry:
+            self._expiry_set = pending.window  # stored: later hits of this window skip it
         retry_after = self._over(pending, results)
         if retry_after is not None:
             raise self._refusal(pending.kind, pending.limit, retry_after)

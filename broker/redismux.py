@@ -106,6 +106,10 @@ class Multiplexer:
             for call in batch:
                 call.error = redis.RedisError(f"pipeline failed: {type(exc).__name__}")
             return
+        if len(replies) != sum(len(call.commands) for call in batch):  # never guess
+            for call in batch:
+                call.error = redis.RedisError("pipeline answered the wrong number of replies")
+            return
         at = 0
         for call in batch:
             mine = replies[at : at + len(call.commands)]

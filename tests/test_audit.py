@@ -355,3 +355,10 @@ def test_group_commit_unexpected_error_fails_closed(log, monkeypatch):
     monkeypatch.setattr(log.store, "queue_append", lambda *a, **k: 1 / 0)
     with pytest.raises(StoreUnavailable):
         log.append(rec(decision="issued"))
+
+
+def test_retention_survives_redis_errors_as_store_unavailable(log, monkeypatch):
+    """A Redis blip during retention must not escape tick() (it would end the background loop)."""
+    monkeypatch.setattr(log.store, "writers", lambda: (_ for _ in ()).throw(StoreUnavailable("x")))
+    log.clock.now += 3600  # retention is due
+    log.tick()  # no exception

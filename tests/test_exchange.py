@@ -306,3 +306,19 @@ def test_form_plus_means_space_in_scope(broker):
             "&scope=https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fcloud-platform+https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fuserinfo.email")
     resp = broker.client.post("/v1/token", data=body, content_type="application/x-www-form-urlencoded")
     assert resp.status_code == 200, resp.json
+
+
+def test_refused_verified_callers_count_against_their_subject_limit(make_broker):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 0, "per_subject_per_minute": 3})
+    token = b.issuer.token("default", "default")  # verifies, but no role admits it
+    codes = [post(b, exchange_form(b.issuer.token("default", "default"))).status_code for _ in range(5)]
+    assert codes == [400, 400, 400, 429, 429]
+    assert token  # the caller is blocked by subject, whatever its IP
+
+
+def test_subject_blocked_requests_still_count_against_the_ip(make_broker):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 4, "per_subject_per_minute": 1})
+    codes = [post(b, exchange_form(b.issuer.token())).status_code for _ in range(6)]
+    assert codes[0] == 200 and set(codes[1:]) == {429}
+    reasons = [r["reason"] for r in reversed(b.audit())]
+    assert "rate_limited_client_ip" in reasons  # the IP limit was reached too
