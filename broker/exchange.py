@@ -211,9 +211,20 @@ class TokenExchange:
         with self._bulkhead.admit(self._mint_wait_s) as wait_s:
             yield wait_s
 
-    def refuse(self, exc: BrokerError, ctx: RequestContext) -> None:
-        """Audit a request refused before it could be parsed (body too large, bad JSON)."""
-        self._audit_failure(exc, ctx, "", None, None)
+    def refuse(self, exc: BrokerError, ctx: RequestContext) -> BrokerError:
+        """Audit a request refused before it could be parsed (body too large, bad JSON); it
+        counts against the client's IP like any other. Returns the error to answer with (a
+        429 once the IP is over its limit)."""
+        final = exc
+        if ctx.client_ip:
+            limit = self._settings.rate_limit.per_client_ip_per_minute
+            try:
+                self._limiter.check_blocked("client_ip", ctx.client_ip, limit)
+                self._limiter.hit("client_ip", ctx.client_ip, limit)
+            except BrokerError as limited:
+                final = limited
+        self._audit_failure(final, ctx, "", None, None)
+        return final
 
     def _audit_failure(
         self,

@@ -322,3 +322,11 @@ def test_subject_blocked_requests_still_count_against_the_ip(make_broker):
     assert codes[0] == 200 and set(codes[1:]) == {429}
     reasons = [r["reason"] for r in reversed(b.audit())]
     assert "rate_limited_client_ip" in reasons  # the IP limit was reached too
+
+
+def test_unparsable_requests_count_against_the_ip_limit(make_broker):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 2, "per_subject_per_minute": 0})
+    codes = [b.client.post("/v1/token", data=b"{bad", content_type="application/json").status_code
+             for _ in range(4)]
+    assert codes == [400, 400, 429, 429]
+    assert post(b, exchange_form(b.issuer.token())).status_code == 429  # the IP is over

@@ -23,8 +23,10 @@ def token() -> Response:
     try:
         params = _token_params()
     except BrokerError as exc:
-        b.exchange.refuse(exc, ctx)
-        raise
+        final = b.exchange.refuse(exc, ctx)
+        if final is exc:
+            raise
+        raise final from exc
     result = b.exchange.run(params, ctx)
     return json_response(result.body, 200, dict(NO_STORE_HEADERS))
 
