@@ -14,7 +14,6 @@ wait runs out (503). A crashed holder's lock expires after ``lock_ttl_s``.
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hashlib
 import json
@@ -40,6 +39,7 @@ from broker.errors import (
     TemporarilyUnavailable,
     UpstreamRefused,
 )
+from broker.keymaterial import b64decode_any, parse_key_list
 from broker.model import AccessToken, MintRequest, Role
 
 log = logging.getLogger(__name__)
@@ -129,40 +129,20 @@ class CacheKeys:
         A bad entry raises :class:`ConfigError` naming ``env_var`` and the entry's position
         (1-based), never its content. A key repeated later in the list is ignored.
         """
-        problems: list[str] = []
-        keys: list[bytes] = []
-        entries = value.split(",")
         if not value.strip():
             raise ConfigError(env_var, ["no cache key given (comma-separated base64 32-byte keys)"])
-        for pos, raw in enumerate(entries, start=1):
-            entry = raw.strip()
-            if not entry:
-                problems.append(f"entry {pos}: empty")
-                continue
-            key = _b64decode(entry)
-            if key is None:
-                problems.append(f"entry {pos}: not base64")
-            elif len(key) != KEY_BYTES:
-                problems.append(f"entry {pos}: decodes to {len(key)} bytes, expected {KEY_BYTES}")
-            elif key not in keys:
-                keys.append(key)
-        if problems:
-            raise ConfigError(env_var, problems)
-        return cls(tuple(keys))
+
+        def size_problem(key: bytes) -> str | None:
+            if len(key) == KEY_BYTES:
+                return None
+            return f"decodes to {len(key)} bytes, expected {KEY_BYTES}"
+
+        return cls(parse_key_list(value, env_var, size_problem, reject_empty=True))
 
     @staticmethod
     def generate() -> str:
         """A fresh random key, standard base64: for dev mode and for operators' docs."""
         return base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii")
-
-
-def _b64decode(text: str) -> bytes | None:
-    std = text.replace("-", "+").replace("_", "/")
-    std += "=" * (-len(std) % 4)
-    try:
-        return base64.b64decode(std, validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 class _Undecryptable(Exception):
@@ -593,7 +573,7 @@ class TokenCache:
         aead = self._aeads.get(kid)
         if aead is None:
             raise _Undecryptable(f"unknown key id {kid[:8]!r}")
-        blob = _b64decode(body)
+        blob = b64decode_any(body)
         if blob is None or len(blob) <= _NONCE_BYTES:
             raise _Undecryptable("malformed envelope")
         try:

@@ -16,7 +16,6 @@ version exactly one commits.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import hashlib
 import hmac
@@ -30,6 +29,7 @@ from typing import Any
 import redis
 
 from broker.errors import ConfigError, StoreUnavailable
+from broker.keymaterial import parse_key_list
 
 HISTORY_LENGTH = 100
 MIN_KEY_BYTES = 32
@@ -73,24 +73,13 @@ class MacKeys:
                     f"of at least {MIN_KEY_BYTES} bytes (generate one with `token-broker keygen`)"
                 ],
             )
-        keys: list[bytes] = []
-        problems: list[str] = []
-        for pos, raw in enumerate(value.split(","), start=1):
-            entry = raw.strip()
-            std = entry.replace("-", "+").replace("_", "/")
-            std += "=" * (-len(std) % 4)
-            try:
-                key = base64.b64decode(std, validate=True)
-            except (binascii.Error, ValueError):
-                problems.append(f"entry {pos}: not base64")
-                continue
-            if len(key) < MIN_KEY_BYTES:
-                problems.append(f"entry {pos}: {len(key)} bytes, at least {MIN_KEY_BYTES} needed")
-            elif key not in keys:
-                keys.append(key)
-        if problems:
-            raise ConfigError(env_var, problems)
-        return cls(tuple(keys))
+
+        def size_problem(key: bytes) -> str | None:
+            if len(key) >= MIN_KEY_BYTES:
+                return None
+            return f"{len(key)} bytes, at least {MIN_KEY_BYTES} needed"
+
+        return cls(parse_key_list(value, env_var, size_problem, reject_empty=False))
 
     @staticmethod
     def generate() -> str:
