@@ -15,17 +15,13 @@ from broker.auditchain import CHECKPOINT_EVENT, checkpoint_message_of
 from broker.auditstore import LiveVerifier
 from broker.errors import StoreUnavailable
 from broker.signing import KeyRing, SigningKey
+from tests.support import FakeClock
 
 KEY = SigningKey.generate()
 RING = KeyRing([KEY.public])
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()  # stream ids come from the server clock: stay close to it
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock  # stream ids and key ages: stay close to the real clock
 
 
 def rec(**kw):

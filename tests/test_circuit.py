@@ -10,16 +10,14 @@ import redis
 
 from broker.circuit import Bulkhead, CircuitBreaker, CircuitPolicy, Permit
 from broker.errors import TemporarilyUnavailable
+from tests.support import FakeClock
 
 POLICY = CircuitPolicy(failure_threshold=3, cool_down_s=5.0, max_cool_down_s=20.0)
 
 
-class Clock:
+class Clock(FakeClock):
     def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+        super().__init__(now)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from broker.errors import ConfigError, InvalidSubjectToken
 from broker.identity import MAX_TOKEN_BYTES, REASONS, Verifier, key_id, load_jwks, load_keys
 from broker.jwks_fetch import FetchError, KeyFetcher
 from broker.settings import API_SERVER_AUDIENCES, IssuerSettings
+from tests.support import FakeClock
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "k8s-tokens"
 MINIKUBE = FIXTURES / "01_projected_minikube_rs256"
@@ -40,12 +41,9 @@ AUD = "https://token-broker.test"
 DROP = object()  # claims(...) value meaning "leave this claim out"
 
 
-class Clock:
+class Clock(FakeClock):
     def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+        super().__init__(now)
 
 
 def fixture_token(path: Path) -> str:

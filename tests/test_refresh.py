@@ -17,7 +17,7 @@ from broker.model import AccessToken, MintRequest, Role, SubjectMatcher
 from broker.policy import RoleTable
 from broker.ratelimit import MintBudget, RateLimiter
 from broker.refresh import Refresher, RefreshPolicy, RefreshTarget
-from tests.support import exchange_form
+from tests.support import FakeClock, exchange_form
 
 SA = "flux-source@test-project.iam.gserviceaccount.com"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -33,12 +33,9 @@ KEY = cache_key(ROLE.name, REQ)
 T0 = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+class Clock(FakeClock):
+    def __init__(self, now: float = T0) -> None:
+        super().__init__(now)
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from typing import Any
 
 import fakeredis
@@ -17,6 +16,7 @@ from broker.model import AccessToken
 from broker.policy import Problem, RoleRules, RoleTable, check_role_table
 from broker.roles_effects import RELOADS, RoleEffects, problem_text
 from broker.roles_source import Reload
+from tests.support import FakeClock
 
 SA_DOMAIN = "p.iam.gserviceaccount.com"
 RULES = RoleRules(issuers={"prod": "kubernetes"}, allowed_service_accounts=(f"*@{SA_DOMAIN}",))
@@ -38,12 +38,7 @@ def table(*roles: dict[str, Any]) -> RoleTable:
     return check_role_table({"roles": list(roles)}, source="t", rules=RULES).table_or_raise()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock
 
 
 @pytest.fixture

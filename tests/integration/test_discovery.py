@@ -37,7 +37,7 @@ from broker.identity import Verifier
 from broker.jwks_fetch import MAX_BYTES, FetchError, KeyFetcher
 from broker.settings import IssuerSettings, settings_from_mapping
 from tests.integration.conftest import run_broker
-from tests.support import AUDIENCE, REPO, LocalIssuer, broker_config, exchange_form
+from tests.support import AUDIENCE, REPO, FakeClock, LocalIssuer, broker_config, exchange_form
 
 pytestmark = pytest.mark.integration
 
@@ -232,12 +232,7 @@ def fetcher(pki: PKI) -> KeyFetcher:
     return KeyFetcher(ca_bundle=str(pki.ca_file), env={})
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock
 
 
 @pytest.fixture
