@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 import orjson
@@ -45,8 +45,8 @@ from broker.auditchain import (
 )
 from broker.auditstore import AuditStore
 from broker.errors import StoreUnavailable
+from broker.groupcommit import GroupCommit, Ticket
 from broker.redisbatch import CommandRecorder
-from broker.redismux import held_lock
 from broker.signing import SigningKey
 
 __all__ = [
@@ -119,19 +119,6 @@ def new_writer_id() -> str:
 
 
 @dataclass
-class _Pending:
-    """A record waiting for the group commit that stores it."""
-
-    body: dict[str, Any]
-    done: bool = False
-    error: BaseException | None = None
-    leader: bool = False
-    # Held from creation; released exactly once, by the leader that stores this record or
-    # hands it the lead. A bare lock is the cheapest wake-up (Event.set goes through Python).
-    wake: threading.Lock = field(default_factory=held_lock)
-
-
-@dataclass
 class _Fold:
     template: AuditRecord
     started: float
@@ -168,9 +155,7 @@ class AuditLog:
         self._every = checkpoint_every
         self._interval = checkpoint_interval_s
         self._lock = threading.Lock()  # serialises seq/prev so each writer's chain is linear
-        self._queue_lock = threading.Lock()  # guards _queue and _committing
-        self._queue: list[_Pending] = []
-        self._committing = False
+        self._commits: GroupCommit[dict[str, Any]] = GroupCommit(self._flush)
         self._start_chain(writer or new_writer_id())
         self._last_retention = clock()
         self._folds: dict[tuple[str, str, str], _Fold] = {}
@@ -203,51 +188,29 @@ class AuditLog:
         Raises :class:`StoreUnavailable` when Redis cannot take it; the record still goes to
         stdout with ``stored: false`` so it is not lost.
         """
-        pending = _Pending(record.to_dict())
-        with self._queue_lock:
-            self._queue.append(pending)
-            lead = not self._committing
-            self._committing = True
-        if lead:
-            pending.leader = True
-        else:
-            pending.wake.acquire()  # released when stored (or failed), or when handed the lead
-        if not pending.done:
-            self._lead()
-        if pending.error is not None:
+        ticket = self._commits.submit(record.to_dict())
+        if ticket.error is not None:
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
-            ) from pending.error
-        return pending.body
+            ) from ticket.error
+        return ticket.payload
 
-    def _lead(self) -> None:
-        """Commit everything queued, then hand the lead to the next waiter (or give it up)."""
-        with self._queue_lock:
-            batch, self._queue = self._queue, []
-        try:
-            with self._lock:
-                self._commit_batch_locked(batch)
-        finally:
-            with self._queue_lock:
-                if self._queue:
-                    nxt = self._queue[0]
-                    nxt.leader = True
-                    nxt.wake.release()  # not done: it wakes up as the next leader
-                else:
-                    self._committing = False
+    def _flush(self, batch: list[Ticket[dict[str, Any]]]) -> None:
+        with self._lock:
+            self._commit_batch_locked(batch)
 
-    def _commit_batch_locked(self, batch: list[_Pending]) -> None:
+    def _commit_batch_locked(self, batch: list[Ticket[dict[str, Any]]]) -> None:
         """Chain ``batch`` (checkpoints inserted where due) and store it in one transaction.
 
         Fails closed: unless the store succeeded, every caller in the batch gets an error.
         """
         error: BaseException | None = RuntimeError("audit batch was not stored")
         try:
-            self._recover_locked([p.body for p in batch])
+            self._recover_locked([p.payload for p in batch])
             bodies: list[dict[str, Any]] = []
             seq, prev, unsealed = self._seq, self._prev, self._unsealed
             for p in batch:
-                body = self._chain(p.body, seq + 1, prev)
+                body = self._chain(p.payload, seq + 1, prev)
                 bodies.append(body)
                 seq, prev, unsealed = seq + 1, body["hash"], unsealed + 1
                 if self._signer is not None and unsealed >= self._every:
@@ -264,9 +227,6 @@ class AuditLog:
         finally:
             for p in batch:
                 p.error = error
-                p.done = True
-                if not p.leader:  # a leader's wake was released already (or never waited)
-                    p.wake.release()
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
         """Seal the chain's head now; None when there is nothing to seal (or no signer).
