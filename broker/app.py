@@ -24,7 +24,7 @@ from broker.errors import BrokerError, ConfigError, RequestTooLarge
 from broker.exchange import TokenExchange
 from broker.identity import Verifier
 from broker.minting import Minter, build_minter
-from broker.policy import RoleTable, load_role_table
+from broker.policy import RoleTable
 from broker.ratelimit import MintBudget, RateLimiter
 from broker.redismux import Multiplexer
 from broker.refresh import Refresher, RefreshPolicy
@@ -76,17 +76,6 @@ def load_cache_keys(settings: Settings, env: Mapping[str, str]) -> CacheKeys:
             ],
         )
     return CacheKeys.parse(value, env_var=settings.cache.keys_env)
-
-
-def load_roles(settings: Settings) -> RoleTable:
-    """The role table of ``settings`` (raises :class:`ConfigError` naming file, role, field)."""
-    return load_role_table(
-        settings.path(settings.roles.file),
-        issuers={i.name: i.kind for i in settings.issuers},
-        allowed_service_accounts=settings.gcp.allowed_service_accounts,
-        allow_extended_lifetime=settings.gcp.allow_extended_lifetime,
-        min_remaining_s=settings.cache.min_remaining,
-    )
 
 
 def load_audit_keys(settings: Settings, env: Mapping[str, str]) -> tuple[SigningKey, KeyRing]:

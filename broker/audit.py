@@ -427,9 +427,6 @@ class AuditLog:
 
     # -- output and reading --------------------------------------------------------------------
 
-    def _emit(self, body: dict[str, Any]) -> None:
-        self._emit_many([body])
-
     def _emit_many(self, bodies: list[dict[str, Any]]) -> None:
         """One JSON line per record on stdout, in one write (the witness outside Redis)."""
         if not self._stdout or not bodies:

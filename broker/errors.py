@@ -95,12 +95,6 @@ class NotFound(BrokerError):
     default_reason = "not_found"
 
 
-class MethodNotAllowed(BrokerError):
-    error = "invalid_request"
-    status = 405
-    default_reason = "method_not_allowed"
-
-
 class Conflict(BrokerError):
     """The request contradicts the resource's state (e.g. a write in read-only role mode)."""
 

@@ -27,22 +27,6 @@ MAX_SUBJECT_TOKEN_BYTES = 16 * 1024
 # such a value names no role here, so it is treated as absent (the single admitting role).
 WIF_AUDIENCE_PREFIX = "//iam.googleapis.com/"
 
-KNOWN_FIELDS = frozenset(
-    {
-        "grant_type",
-        "subject_token",
-        "subject_token_type",
-        "requested_token_type",
-        "audience",
-        "scope",
-        "resource",
-        "actor_token",
-        "actor_token_type",
-        "options",
-        "client_id",
-    }
-)
-
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")
 
