@@ -31,6 +31,7 @@ from broker.refresh import Refresher, RefreshPolicy
 from broker.roles_admin import RoleAdmin, build_role_admin, check_roles_startup
 from broker.settings import Settings
 from broker.signing import KeyRing, SigningKey, load_signing_key, parse_public_key
+from broker.tokenmemo import TokenMemo
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,7 @@ def create_app(
         budget=budget,
         # One thread of each worker stays free for health checks while the others wait on IAM.
         bulkhead=Bulkhead(max(1, settings.server.threads - 1)),
+        memo=TokenMemo(settings.cache.memo) if settings.cache.memo > 0 else None,
         refresher=refresher,
     )
     broker = Broker(

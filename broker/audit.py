@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -46,13 +46,14 @@ from broker.auditchain import (
 from broker.auditstore import AuditStore
 from broker.errors import StoreUnavailable
 from broker.groupcommit import GroupCommit, Ticket
-from broker.redisbatch import CommandRecorder
+from broker.redisbatch import CommandRecorder, Condition
 from broker.signing import SigningKey
 
 __all__ = [
     "GENESIS",
     "AuditLog",
     "AuditRecord",
+    "ConditionsFailed",
     "chain_hash",
     "rfc3339",
     "sha256_hex",
@@ -118,6 +119,20 @@ def new_writer_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+class ConditionsFailed(Exception):
+    """A record was not stored: some of its conditions failed (see :meth:`AuditLog.append`)."""
+
+    def __init__(self, failed: tuple[Condition, ...]) -> None:
+        super().__init__(f"{len(failed)} condition(s) of the record failed")
+        self.failed = failed
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    body: dict[str, Any]
+    conditions: tuple[Condition, ...] = ()
+
+
 @dataclass
 class _Fold:
     template: AuditRecord
@@ -155,7 +170,7 @@ class AuditLog:
         self._every = checkpoint_every
         self._interval = checkpoint_interval_s
         self._lock = threading.Lock()  # serialises seq/prev so each writer's chain is linear
-        self._commits: GroupCommit[dict[str, Any]] = GroupCommit(self._flush)
+        self._commits: GroupCommit[_Pending] = GroupCommit(self._flush)
         self._start_chain(writer or new_writer_id())
         self._last_retention = clock()
         self._folds: dict[tuple[str, str, str], _Fold] = {}
@@ -177,7 +192,9 @@ class AuditLog:
 
     # -- appending -----------------------------------------------------------------------------
 
-    def append(self, record: AuditRecord) -> dict[str, Any]:
+    def append(
+        self, record: AuditRecord, conditions: Sequence[Condition] = ()
+    ) -> dict[str, Any]:
         """Store ``record`` (chained) in Redis and echo it on stdout; return what was stored.
 
         Group commit: concurrent appends of this process wait for one transaction that carries
@@ -185,39 +202,49 @@ class AuditLog:
         record, chains them in order, stores them in one round trip, wakes the others, and
         hands leadership to a waiter. Each caller returns only once its own record is stored.
 
+        ``conditions`` (rate-limit hits, a memo's generation) are checked and applied in the
+        same atomic write: if one fails, this record is not stored (nor its hits counted) and
+        :class:`ConditionsFailed` names the failures; the rest of the batch is re-chained
+        without it and stored.
+
         Raises :class:`StoreUnavailable` when Redis cannot take it; the record still goes to
         stdout with ``stored: false`` so it is not lost.
         """
-        ticket = self._commits.submit(record.to_dict())
+        ticket = self._commits.submit(_Pending(record.to_dict(), tuple(conditions)))
+        if isinstance(ticket.error, ConditionsFailed):
+            raise ticket.error
         if ticket.error is not None:
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from ticket.error
-        return ticket.payload
+        return ticket.payload.body
 
-    def _flush(self, batch: list[Ticket[dict[str, Any]]]) -> None:
+    def _flush(self, batch: list[Ticket[_Pending]]) -> None:
         with self._lock:
             self._commit_batch_locked(batch)
 
-    def _commit_batch_locked(self, batch: list[Ticket[dict[str, Any]]]) -> None:
+    def _commit_batch_locked(self, batch: list[Ticket[_Pending]]) -> None:
         """Chain ``batch`` (checkpoints inserted where due) and store it in one transaction.
 
-        Fails closed: unless the store succeeded, every caller in the batch gets an error.
+        Records whose conditions fail are dropped and the rest re-chained and stored (each
+        round drops at least one). Fails closed: unless the store succeeded, every caller in
+        the batch gets an error.
         """
+        pending = batch
         error: BaseException | None = RuntimeError("audit batch was not stored")
         try:
-            self._recover_locked([p.payload for p in batch])
-            bodies: list[dict[str, Any]] = []
-            seq, prev, unsealed = self._seq, self._prev, self._unsealed
-            for p in batch:
-                body = self._chain(p.payload, seq + 1, prev)
-                bodies.append(body)
-                seq, prev, unsealed = seq + 1, body["hash"], unsealed + 1
-                if self._signer is not None and unsealed >= self._every:
-                    cp = self._checkpoint_body(seq + 1, prev, final=False, records=unsealed)
-                    bodies.append(cp)
-                    seq, prev, unsealed = seq + 1, cp["hash"], 0
-            self._store_locked(bodies)
+            self._recover_locked([p.payload.body for p in batch])
+            while pending:
+                bodies, conditions, owners = self._chain_batch(pending)
+                failed = self._store_locked(bodies, conditions)
+                if not failed:
+                    break
+                refused: dict[int, list[Condition]] = {}
+                for at in failed:
+                    refused.setdefault(owners[at], []).append(conditions[at])
+                for i, conds in refused.items():
+                    pending[i].error = ConditionsFailed(tuple(conds))
+                pending = [t for i, t in enumerate(pending) if i not in refused]
             error = None
         except StoreUnavailable as exc:
             error = exc.__cause__ or exc
@@ -225,8 +252,29 @@ class AuditLog:
             log.exception("audit batch not stored")
             error = exc
         finally:
-            for p in batch:
+            for p in pending:
                 p.error = error
+
+    def _chain_batch(
+        self, batch: list[Ticket[_Pending]]
+    ) -> tuple[list[dict[str, Any]], list[Condition], list[int]]:
+        """The chained bodies of ``batch`` (checkpoints where due), its conditions, and for
+        each condition the position of the ticket it belongs to."""
+        bodies: list[dict[str, Any]] = []
+        conditions: list[Condition] = []
+        owners: list[int] = []
+        seq, prev, unsealed = self._seq, self._prev, self._unsealed
+        for i, p in enumerate(batch):
+            body = self._chain(p.payload.body, seq + 1, prev)
+            bodies.append(body)
+            conditions.extend(p.payload.conditions)
+            owners.extend([i] * len(p.payload.conditions))
+            seq, prev, unsealed = seq + 1, body["hash"], unsealed + 1
+            if self._signer is not None and unsealed >= self._every:
+                cp = self._checkpoint_body(seq + 1, prev, final=False, records=unsealed)
+                bodies.append(cp)
+                seq, prev, unsealed = seq + 1, cp["hash"], 0
+        return bodies, conditions, owners
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
         """Seal the chain's head now; None when there is nothing to seal (or no signer).
@@ -290,7 +338,11 @@ class AuditLog:
         self._last_entry = (ms, 0) if ms > last_ms else (last_ms, last_n + 1)
         return f"{self._last_entry[0]}-{self._last_entry[1]}"
 
-    def _store_locked(self, bodies: list[dict[str, Any]]) -> None:
+    def _store_locked(
+        self, bodies: list[dict[str, Any]], conditions: Sequence[Condition] = ()
+    ) -> tuple[int, ...]:
+        """Store ``bodies`` if ``conditions`` hold; return the failed ones' positions (then
+        nothing was stored and the chain's head is unchanged)."""
         now = self._clock()
         entry_ids = [self._next_entry_id(now) for _ in bodies]
         try:
@@ -307,7 +359,7 @@ class AuditLog:
                 info = {"started": rfc3339(now), "host": socket.gethostname()[:64],
                         "pid": os.getpid()}
                 pipe.hset(self.store.keys.writers, self.writer, orjson.dumps(info))
-            self.store.run_batch(pipe)
+            failed = self.store.run_batch(pipe, conditions)
         except redis.RedisError as exc:
             # Maybe stored, maybe not (a lost reply): the next append looks before chaining on.
             self._uncertain = bodies
@@ -316,8 +368,11 @@ class AuditLog:
             raise StoreUnavailable(
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from exc
+        if failed:
+            return failed
         self._registered = True
         self._commit_locked(bodies, entry_ids)
+        return ()
 
     def _commit_locked(self, bodies: list[dict[str, Any]], entry_ids: list[str]) -> None:
         for b, entry_id in zip(bodies, entry_ids, strict=True):

@@ -20,7 +20,7 @@ import binascii
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from broker.auditchain import entry_of, is_checkpoint, record_id
 from broker.auditindex import IndexKeys, IndexWriter, pointer
 from broker.auditverify import Anchor, AnchorLost, ChainReport, ChainVerifier, VerifyReport
 from broker.errors import InvalidRequest, StoreUnavailable
-from broker.redisbatch import CommandRecorder, Runner, run_atomically
+from broker.redisbatch import CommandRecorder, Condition, Runner, run_atomically
 from broker.signing import KeyRing
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,13 @@ class AuditStore:
         pipe.xadd(self.keys.chain(writer), {"r": payload}, id=entry_id)
         self.indexer.queue(pipe, record, pointer(writer, entry_id), now)
 
-    def run_batch(self, batch: CommandRecorder) -> None:
+    def run_batch(
+        self, batch: CommandRecorder, conditions: Sequence[Condition] = ()
+    ) -> tuple[int, ...]:
         """Run queued appends atomically in one round trip (shared through the process's
-        multiplexer when it has one). Raises ``redis.RedisError``."""
-        run_atomically(self._redis, batch, self.runner)
+        multiplexer when it has one), provided ``conditions`` hold; return the positions of
+        those that failed (nothing written then). Raises ``redis.RedisError``."""
+        return run_atomically(self._redis, batch, self.runner, conditions)
 
     def writers(self) -> dict[str, dict[str, Any]]:
         """Registered writers and what they said about themselves when they registered."""

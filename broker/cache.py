@@ -41,6 +41,7 @@ from broker.errors import (
 )
 from broker.keymaterial import b64decode_any, parse_key_list
 from broker.model import AccessToken, MintRequest, Role
+from broker.redisbatch import Condition
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,11 @@ class TokenCache:
     def _lock_key(self, key: str) -> str:
         return f"{self._prefix}{{cache:{key}}}:lock"
 
+    @property
+    def generation_key(self) -> str:
+        """Where the purge generation lives (see :mod:`broker.tokenmemo`)."""
+        return f"{self._prefix}cache:generation"
+
     # -- public API ---------------------------------------------------------------------------
 
     def get(self, key: str) -> AccessToken | None:
@@ -235,6 +241,17 @@ class TokenCache:
         index = len(pipe)
         pipe.get(self._value_key(key))
         return index
+
+    def queue_generation(self, pipe: redis.client.Pipeline) -> int:
+        """Add the read of the purge generation to ``pipe`` (before any :meth:`queue_get` whose
+        result is memoised under it); return its reply index (for :func:`generation_of`)."""
+        index = len(pipe)
+        pipe.get(self.generation_key)
+        return index
+
+    def generation_holds(self, generation: str) -> Condition:
+        """A batch condition: no purge since ``generation`` was read."""
+        return Condition.equals(self.generation_key, generation)
 
     def servable(self, key: str, raw: object) -> AccessToken | None:
         """The token in a stored value ``raw`` if it decrypts and has ``min_remaining_s`` left."""
@@ -307,17 +324,18 @@ class TokenCache:
                 time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
 
     def purge(self, keys: Iterable[str]) -> int:
-        """Delete the entries for ``keys``; return how many existed."""
+        """Delete the entries for ``keys`` and start a new purge generation, so no worker
+        issues a memoised copy any more (:mod:`broker.tokenmemo`); return how many existed."""
         names = [self._value_key(k) for k in keys]
-        if not names:
-            return 0
 
         def run() -> Any:
-            # One DEL per key: keys live in different hash slots (Redis Cluster ready).
+            # One DEL per key: keys live in different hash slots (Redis Cluster ready). Then a
+            # new generation, so no worker issues a memoised copy any more (broker.tokenmemo).
             pipe = self._redis.pipeline(transaction=False)
             for name in names:
                 pipe.delete(name)
-            return pipe.execute()
+            pipe.set(self.generation_key, secrets.token_hex(16))
+            return pipe.execute()[:-1]
 
         return sum(int(n) for n in self._call(run))
 
@@ -590,11 +608,19 @@ class TokenCache:
         return AccessToken(token=token, expires_at=float(expires_at))
 
 
+def generation_of(raw: object) -> str:
+    """A purge generation as read from Redis ("" when none was ever written)."""
+    if raw is None:
+        return ""
+    return raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+
+
 __all__ = [
     "KEY_BYTES",
     "CacheKeys",
     "RefreshResult",
     "TokenCache",
     "cache_key",
+    "generation_of",
     "role_cache_key",
 ]

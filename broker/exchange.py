@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from broker import metrics
-from broker.audit import AuditLog, AuditRecord, rfc3339, sha256_hex
-from broker.cache import TokenCache, cache_key
+from broker.audit import AuditLog, AuditRecord, ConditionsFailed, rfc3339, sha256_hex
+from broker.cache import TokenCache, cache_key, generation_of
 from broker.circuit import Bulkhead
 from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
 from broker.identity import Verifier
 from broker.minting import Minter
-from broker.model import AccessToken, MintRequest, WorkloadIdentity
+from broker.model import AccessToken, MintRequest, Role, WorkloadIdentity
 from broker.policy import RoleTable, decide
 from broker.protocol import parse_token_request, token_response
 from broker.ratelimit import MintBudget, RateLimiter
-from broker.redisbatch import CommandRecorder
+from broker.redisbatch import CommandRecorder, Condition
 from broker.redismux import Multiplexer
 from broker.refresh import Refresher
 from broker.settings import Settings
+from broker.tokenmemo import MemoEntry, TokenMemo
 
 # A mint failure is every concurrent waiter's answer, and that of callers in the next second.
 SHARE_MINT_FAILURE_S = 1.0
@@ -64,6 +65,7 @@ class TokenExchange:
         budget: MintBudget | None = None,
         bulkhead: Bulkhead | None = None,
         refresher: Refresher | None = None,
+        memo: TokenMemo | None = None,
     ) -> None:
         self._settings = settings
         self._verifier = verifier
@@ -77,6 +79,7 @@ class TokenExchange:
         self._budget = budget
         self._bulkhead = bulkhead
         self._refresher = refresher
+        self._memo = memo
         # The IAM deadline bounds how long a caller waits for someone else's mint.
         self._mint_wait_s = 15.0
 
@@ -116,35 +119,22 @@ class TokenExchange:
                 delegates=role.delegates,
             )
             key = cache_key(role.name, mint_request)
+            memo = self._memo.get(key, now) if self._memo is not None else None
+            if memo is not None:
+                issued = self._issue_memoised(
+                    ctx, raw_token, identity, role, mint_request, key, memo
+                )
+                if issued is not None:
+                    return issued
+                # A purge happened since this worker read the token: read Redis again.
             # One round trip counts both rate limits and reads the cache (the hot path).
             counted = True
-            cached = self._count_and_read(ctx, identity, key)
+            cached = self._count_and_read(ctx, identity, key, role.lifetime_s)
             if cached is not None:
                 token, hit = cached, True
             else:
                 token, hit = self._mint_once(role.name, key, mint_request)
-            if self._refresher is not None:
-                self._refresher.touch(key, role.name, mint_request, token)
-            now = self._clock()
-            record = self._record(
-                ctx,
-                raw_token,
-                identity,
-                decision="issued",
-                reason="issued",
-                role=role.name,
-                service_account=role.service_account,
-                scopes=role.scopes,
-                lifetime_s=role.lifetime_s,
-                expires_at=rfc3339(token.expires_at),
-                cache="hit" if hit else "miss",
-                access_token_sha256=sha256_hex(token.token),
-            )
-            # Fail closed: the token leaves only once its record is stored.
-            stored = self._audit.append(record)
-            metrics.observe("issued", "hit" if hit else "miss", time.perf_counter() - ctx.started)
-            body = token_response(token.token, int(token.expires_at - now), role.scopes)
-            return ExchangeResult(body=body, audit=stored)
+            return self._issue(ctx, raw_token, identity, role, mint_request, key, token, hit)
         except BrokerError as exc:
             final = exc
             if not counted:
@@ -165,8 +155,85 @@ class TokenExchange:
                 raise
             raise final from exc
 
+    def _issue(
+        self,
+        ctx: RequestContext,
+        raw_token: str,
+        identity: WorkloadIdentity,
+        role: Role,
+        mint_request: MintRequest,
+        key: str,
+        token: AccessToken,
+        hit: bool,
+        conditions: Sequence[Condition] = (),
+    ) -> ExchangeResult:
+        """Record the issuance (with ``conditions``, atomically), then answer with ``token``.
+
+        Raises :class:`ConditionsFailed` (nothing recorded) when one of ``conditions`` fails.
+        """
+        if self._refresher is not None:
+            self._refresher.touch(key, role.name, mint_request, token)
+        record = self._record(
+            ctx,
+            raw_token,
+            identity,
+            decision="issued",
+            reason="issued",
+            role=role.name,
+            service_account=role.service_account,
+            scopes=role.scopes,
+            lifetime_s=role.lifetime_s,
+            expires_at=rfc3339(token.expires_at),
+            cache="hit" if hit else "miss",
+            access_token_sha256=sha256_hex(token.token),
+        )
+        # Fail closed: the token leaves only once its record is stored.
+        stored = self._audit.append(record, conditions)
+        metrics.observe("issued", "hit" if hit else "miss", time.perf_counter() - ctx.started)
+        now = self._clock()
+        body = token_response(token.token, int(token.expires_at - now), role.scopes)
+        return ExchangeResult(body=body, audit=stored)
+
+    def _issue_memoised(
+        self,
+        ctx: RequestContext,
+        raw_token: str,
+        identity: WorkloadIdentity,
+        role: Role,
+        mint_request: MintRequest,
+        key: str,
+        memo: MemoEntry,
+    ) -> ExchangeResult | None:
+        """Issue a token this worker read from Redis lately: one round trip, in which the audit
+        batch counts both rate limits and checks that no purge happened since (all or nothing).
+        None when a purge did happen (the memo is dropped; the caller reads Redis again)."""
+        limits = self._settings.rate_limit
+        hits = [
+            h
+            for h in (
+                self._limiter.guard("client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
+                if ctx.client_ip
+                else None,
+                self._limiter.guard("subject", identity.principal, limits.per_subject_per_minute),
+            )
+            if h is not None
+        ]
+        fresh = self._cache.generation_holds(memo.generation)
+        try:
+            return self._issue(
+                ctx, raw_token, identity, role, mint_request, key, memo.token, True,
+                [*(h.condition for h in hits), fresh],
+            )
+        except ConditionsFailed as failed:
+            if fresh in failed.failed:
+                if self._memo is not None:
+                    self._memo.clear()
+                return None
+            over = next(h for h in hits if h.condition in failed.failed)
+            raise self._limiter.refused(over) from None
+
     def _count_and_read(
-        self, ctx: RequestContext, identity: WorkloadIdentity, key: str
+        self, ctx: RequestContext, identity: WorkloadIdentity, key: str, lifetime_s: int
     ) -> AccessToken | None:
         limits = self._settings.rate_limit
         pipe: Any = CommandRecorder()  # redis-py command methods, recorded
@@ -178,6 +245,7 @@ class TokenExchange:
         by_subject = self._limiter.queue(
             pipe, "subject", identity.principal, limits.per_subject_per_minute
         )
+        gen_at = self._cache.queue_generation(pipe) if self._memo is not None else None
         at = self._cache.queue_get(pipe, key)
         try:
             results = self._mux.run(pipe)
@@ -188,7 +256,19 @@ class TokenExchange:
             ) from exc
         self._limiter.settle(by_ip, results)
         self._limiter.settle(by_subject, results)
-        return self._cache.servable(key, results[at])
+        token = self._cache.servable(key, results[at])
+        if token is not None and gen_at is not None:
+            self._remember(key, token, generation_of(results[gen_at]), lifetime_s)
+        return token
+
+    def _remember(self, key: str, token: AccessToken, generation: str, lifetime_s: int) -> None:
+        """Memoise ``token`` while it stays servable, and not past its refresh point (after it,
+        callers read Redis again and get the refreshed token)."""
+        assert self._memo is not None
+        until = token.expires_at - self._settings.cache.min_remaining
+        if self._refresher is not None:
+            until = min(until, self._refresher.policy.refresh_at(token, lifetime_s))
+        self._memo.put(key, token, generation, now=self._clock(), until=until)
 
     def _mint_once(self, role: str, key: str, request: MintRequest) -> tuple[AccessToken, bool]:
         """A token minted once for every concurrent caller of ``key`` (DESIGN.md §6)."""

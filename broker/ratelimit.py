@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from broker.errors import RateLimited, StoreUnavailable, TemporarilyUnavailable
+from broker.redisbatch import Condition
 
 WINDOW_S = 60
 MINTS_PER_ROLE_PER_MINUTE = 60
@@ -38,6 +39,18 @@ class PendingCount:
     window: int
     index: int  # position of the HINCRBY reply in the pipeline's results
     sets_expiry: bool = False  # this hit's pipeline also gives the window its expiry
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedHit:
+    """One hit carried as a :class:`~broker.redisbatch.Condition` of an atomic batch (counted
+    only if the batch is written; see :meth:`RateLimiter.guard`)."""
+
+    kind: str
+    identity: str
+    limit: int
+    window: int
+    condition: Condition
 
 
 class RateLimiter:
@@ -86,16 +99,30 @@ class RateLimiter:
         if limit <= 0:
             return None
         window = int(self._clock() // WINDOW_S)
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
-        # One hash per minute holds every counter of that window: one HINCRBY per hit, and
-        # its expiry is set once per window by each process, not on every hit.
-        key = f"{self._prefix}rl:{window}"
+        key, field = self._slot(window, kind, identity)
         index = len(pipe)
-        pipe.hincrby(key, f"{kind}:{digest}", 1)
+        pipe.hincrby(key, field, 1)
         sets_expiry = self._expiry_set != window
         if sets_expiry:  # until a pipeline carrying it has succeeded (see settle)
             pipe.expire(key, WINDOW_S + 5)
         return PendingCount(kind, identity, limit, window, index, sets_expiry)
+
+    def guard(self, kind: str, identity: str, limit: int) -> GuardedHit | None:
+        """One hit as a batch condition: counted atomically with the batch it rides in (an
+        audit record), which is refused if it would go over ``limit`` (0 = off)."""
+        if limit <= 0:
+            return None
+        window = int(self._clock() // WINDOW_S)
+        key, field = self._slot(window, kind, identity)
+        return GuardedHit(
+            kind, identity, limit, window, Condition.count(key, field, limit, WINDOW_S + 5)
+        )
+
+    def refused(self, hit: GuardedHit) -> RateLimited:
+        """The refusal for a guarded hit whose condition failed (the caller is over its limit;
+        remembered like any other, so its next requests stop before any work)."""
+        retry_after = self._block(hit.kind, hit.identity, hit.window)
+        return self._refusal(hit.kind, hit.limit, retry_after)
 
     def hit_many(self, hits: Sequence[tuple[str, str, int]]) -> None:
         """Count several ``(kind, identity, limit)`` hits in one round trip; raise the first
@@ -144,13 +171,24 @@ class RateLimiter:
             return
         raise self._refusal(kind, limit, max(1, int((window + 1) * WINDOW_S - now)))
 
+    def _slot(self, window: int, kind: str, identity: str) -> tuple[str, str]:
+        """The hash and field counting ``identity`` (hashed) in ``window``. One hash per minute
+        holds every counter of that window: one HINCRBY per hit, and its expiry is set once per
+        window by each process, not on every hit."""
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
+        return f"{self._prefix}rl:{window}", f"{kind}:{digest}"
+
     def _over(self, pending: PendingCount, results: Sequence[Any]) -> int | None:
         if int(results[pending.index]) <= pending.limit:
             return None
+        return self._block(pending.kind, pending.identity, pending.window)
+
+    def _block(self, kind: str, identity: str, window: int) -> int:
+        """Remember ``identity`` as over its limit until ``window`` ends; seconds until then."""
         if len(self._blocked) > MAX_BLOCKED:  # bounded: forget the oldest windows
             self._blocked.clear()
-        self._blocked[(pending.kind, pending.identity)] = pending.window
-        return max(1, int((pending.window + 1) * WINDOW_S - self._clock()))
+        self._blocked[(kind, identity)] = window
+        return max(1, int((window + 1) * WINDOW_S - self._clock()))
 
     @staticmethod
     def _refusal(kind: str, limit: int, retry_after: int) -> RateLimited:

@@ -7,6 +7,12 @@ tiny script that runs them in order, atomically (nothing else runs between them)
 once. Commands are recorded with redis-py's own command methods (:class:`CommandRecorder`), so
 callers write ``batch.xadd(...)`` exactly as they would on a pipeline.
 
+A batch may carry :class:`Condition` s, checked in the same script before anything is written:
+rate-limit hits that must stay within their limits, and keys that must still hold a value (the
+token memo's purge generation). If any fails, the batch writes nothing and says which failed, so
+the caller can drop those items and run the rest: a request's rate limits and its audit record
+then cost one round trip together.
+
 Works on Redis (scripts are standard) and on the embedded ``memory://`` store (fakeredis with
 its Lua extra). Keys are passed as arguments rather than ``KEYS``: the audit indexes span hash
 slots anyway (see docs/audit.md on Redis Cluster).
@@ -15,23 +21,87 @@ slots anyway (see docs/audit.md on Redis Cluster).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import redis
 from redis.commands.core import CoreCommands
 
-# ARGV: argc1, cmd1..., argc2, cmd2..., ... Runs each command in order; errors abort the script.
+# ARGV: G, then G conditions of five arguments each (op, key, arg, limit, ttl), then the commands
+# (argc1, cmd1..., argc2, cmd2..., ...). Every condition is checked before anything is written:
+# if any fails, nothing is written and the script answers the failed conditions' numbers
+# (1-based); otherwise it applies the counts, runs each command in order and answers an empty
+# list. A command's error aborts the script.
 SCRIPT = """
-local i = 1
+local g = tonumber(ARGV[1])
+local failed = {}
+local seen = {}
+local i = 2
+for c = 1, g do
+  local op, key, arg = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if op == 'count' then
+    local counts = seen[key]
+    if counts == nil then counts = {}; seen[key] = counts end
+    local n = counts[arg]
+    if n == nil then n = tonumber(redis.call('HGET', key, arg) or '0') end
+    n = n + 1
+    counts[arg] = n
+    if n > tonumber(ARGV[i + 3]) then failed[#failed + 1] = c end
+  elseif op == 'equals' then
+    if (redis.call('GET', key) or '') ~= arg then failed[#failed + 1] = c end
+  else
+    return redis.error_reply('unknown condition ' .. tostring(op))
+  end
+  i = i + 5
+end
+if #failed > 0 then return failed end
+local expiring = {}
+local j = 2
+for c = 1, g do
+  if ARGV[j] == 'count' then
+    local key = ARGV[j + 1]
+    redis.call('HINCRBY', key, ARGV[j + 2], 1)
+    if expiring[key] == nil then
+      expiring[key] = true
+      if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ARGV[j + 4]) end
+    end
+  end
+  j = j + 5
+end
 local n = #ARGV
 while i <= n do
   local argc = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + argc))
   i = i + argc + 1
 end
-return n
+return {}
 """
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A precondition of a batch, checked atomically with it (see :func:`run_atomically`).
+
+    ``count``: one hit of hash field ``arg`` of ``key``, within ``limit`` (the hit is counted
+    only when the whole batch is written; the hash gets ``ttl_s`` when it has no expiry).
+    ``equals``: string ``key`` holds ``arg`` (a missing key holds ``""``).
+    """
+
+    op: Literal["count", "equals"]
+    key: str
+    arg: str
+    limit: int = 0
+    ttl_s: int = 0
+
+    @classmethod
+    def count(cls, key: str, field: str, limit: int, ttl_s: int) -> Condition:
+        return cls("count", key, field, limit, ttl_s)
+
+    @classmethod
+    def equals(cls, key: str, value: str) -> Condition:
+        return cls("equals", key, value)
 
 
 class CommandRecorder(CoreCommands):
@@ -57,27 +127,44 @@ class Runner(Protocol):
 
 
 def run_atomically(
-    client: redis.Redis, recorder: CommandRecorder, runner: Runner | None = None
-) -> None:
+    client: redis.Redis,
+    recorder: CommandRecorder,
+    runner: Runner | None = None,
+    conditions: Sequence[Condition] = (),
+) -> tuple[int, ...]:
     """Run every recorded command in one script call (through ``runner`` when given, to share
-    its round trip). Raises ``redis.RedisError``."""
-    if not recorder.commands:
-        return
-    flat: list[Any] = []
+    its round trip), provided every one of ``conditions`` holds.
+
+    Returns the positions in ``conditions`` of those that failed: then nothing was written (no
+    command run, no hit counted). Raises ``redis.RedisError``.
+    """
+    if not recorder.commands and not conditions:
+        return ()
+    flat: list[Any] = [len(conditions)]
+    for c in conditions:
+        flat.extend((c.op, c.key, c.arg, c.limit, c.ttl_s))
     for command in recorder.commands:
         flat.append(len(command))
         flat.extend(command)
     if runner is None:
         try:
-            client.evalsha(SCRIPT_SHA, 0, *flat)
+            reply = client.evalsha(SCRIPT_SHA, 0, *flat)
         except redis.exceptions.NoScriptError:
-            client.eval(SCRIPT, 0, *flat)  # first use on this server (or after SCRIPT FLUSH)
-        return
+            # First use on this server (or after SCRIPT FLUSH).
+            reply = client.eval(SCRIPT, 0, *flat)
+        return _failed(reply)
     call = CommandRecorder()
     call.execute_command("EVALSHA", SCRIPT_SHA, 0, *flat)
     try:
-        runner.run(call)
+        replies = runner.run(call)
     except redis.exceptions.NoScriptError:
         call = CommandRecorder()
         call.execute_command("EVAL", SCRIPT, 0, *flat)
-        runner.run(call)
+        replies = runner.run(call)
+    return _failed(replies[0])
+
+
+def _failed(reply: Any) -> tuple[int, ...]:
+    if not isinstance(reply, list):
+        raise redis.RedisError(f"batch script answered {type(reply).__name__}, not a list")
+    return tuple(int(n) - 1 for n in reply)

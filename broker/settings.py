@@ -222,6 +222,16 @@ class CacheSettings(_Model):
     keys_env: str = "BROKER_CACHE_KEYS"
     min_remaining: Duration = 300.0
     refresh_ahead: float = Field(0.8, gt=0.0, lt=1.0)
+    # Each worker keeps tokens it read from Redis this long (0 = off): a hit then costs one
+    # round trip (its audit record). Purges still take effect at once (see broker/tokenmemo.py).
+    memo: Duration = 30.0
+
+    @field_validator("memo")
+    @classmethod
+    def _memo(cls, v: float) -> float:
+        if not 0 <= v <= 30:
+            raise ValueError("must be between 0s (off) and 30s")
+        return v
 
 
 class AuditSettings(_Model):

@@ -58,7 +58,7 @@ def issuer() -> LocalIssuer:
 
 @pytest.fixture
 def make_broker(tmp_path: Path, issuer: LocalIssuer):
-    def make(**config: Any) -> BrokerUnderTest:
+    def make(clock: Any = time.time, **config: Any) -> BrokerUnderTest:
         path = broker_config(tmp_path, issuer, **config)
         settings = load_settings(path)
         server = fakeredis.FakeServer()
@@ -71,6 +71,7 @@ def make_broker(tmp_path: Path, issuer: LocalIssuer):
             minter=minter,
             env={"BROKER_CACHE_KEYS": CACHE_KEY, "BROKER_AUDIT_SIGNING_KEY": AUDIT_SIGNING_KEY},
             audit_out=out,
+            clock=clock,
         )
         return BrokerUnderTest(app, settings, client, minter, out, issuer)
 

@@ -154,6 +154,7 @@ def broker_config(
     bind: str = "127.0.0.1:0",
     extra_issuers: list[dict[str, Any]] | None = None,
     rate_limit: dict[str, int] | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> Path:
     """Write broker.yaml, roles.yaml and jwks.json into ``tmp``; return broker.yaml's path."""
     jwks = issuer.write_jwks(tmp / "jwks.json")
@@ -180,6 +181,8 @@ def broker_config(
         "rate_limit": rate_limit or {"per_subject_per_minute": 0, "per_client_ip_per_minute": 0},
         "access": {"audience": ADMIN_AUDIENCE},
     }
+    if cache:
+        cfg["cache"] = cache
     path = tmp / "broker.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -10,10 +10,19 @@ import fakeredis
 import pytest
 import redis
 
-from broker.audit import GENESIS, AuditLog, AuditRecord, chain_hash, rfc3339, sha256_hex
+from broker.audit import (
+    GENESIS,
+    AuditLog,
+    AuditRecord,
+    ConditionsFailed,
+    chain_hash,
+    rfc3339,
+    sha256_hex,
+)
 from broker.auditchain import CHECKPOINT_EVENT, checkpoint_message_of
 from broker.auditstore import LiveVerifier
 from broker.errors import StoreUnavailable
+from broker.redisbatch import Condition
 from broker.signing import KeyRing, SigningKey
 from tests.support import FakeClock
 
@@ -46,9 +55,9 @@ def break_writes(a, monkeypatch, *, stored: bool = False, error=redis.Connection
     reply)."""
     real = a.store.run_batch
 
-    def fail(batch):
+    def fail(batch, conditions=()):
         if stored:
-            real(batch)
+            real(batch, conditions)
         raise error("reply lost" if stored else "down")
 
     monkeypatch.setattr(a.store, "run_batch", fail)
@@ -282,10 +291,10 @@ def _count_transactions(a, monkeypatch, *, delay=0.0):
     real = a.store.run_batch
     executed = []
 
-    def run(batch):
+    def run(batch, conditions=()):
         time.sleep(delay)
         executed.append(len(batch))
-        return real(batch)
+        return real(batch, conditions)
 
     monkeypatch.setattr(a.store, "run_batch", run)
     return executed
@@ -358,3 +367,52 @@ def test_retention_survives_redis_errors_as_store_unavailable(log, monkeypatch):
     monkeypatch.setattr(log.store, "writers", lambda: (_ for _ in ()).throw(StoreUnavailable("x")))
     log.clock.now += 3600  # retention is due
     log.tick()  # no exception
+
+
+# -- conditions (rate-limit hits, the memo's generation) ride in the record's own write ------
+
+
+def test_a_record_whose_condition_fails_is_not_stored_and_the_chain_goes_on():
+    a = make_log(checkpoint_every=3)
+    gen = Condition.equals("memo-gen", "g1")
+    with pytest.raises(ConditionsFailed) as failed:
+        a.append(rec(request_id="stale"), [gen])
+    assert failed.value.failed == (gen,)
+    a.append(rec(request_id="ok"), [Condition.equals("memo-gen", "")])
+    stored = [r["request_id"] for r in a.recent(10)]
+    assert stored == ["ok"]
+    assert [r["request_id"] for r in stdout_records(a)] == ["ok"]  # nothing echoed for it
+    assert verify(a).ok
+
+
+def test_concurrent_batch_drops_only_the_refused_records(monkeypatch):
+    import threading
+
+    a = make_log(checkpoint_every=4)
+    executed = _count_transactions(a, monkeypatch, delay=0.02)
+    outcomes: dict[str, str] = {}
+    start = threading.Barrier(16)
+
+    def one(i):
+        start.wait()
+        # Every third caller is one subject with a limit of 3: only 3 of its 5 may be stored.
+        conds = [Condition.count("rl", "subject:busy", 3, 60)] if i % 3 == 0 else []
+        try:
+            a.append(rec(request_id=f"r{i}"), conds)
+            outcomes[f"r{i}"] = "stored"
+        except ConditionsFailed:
+            outcomes[f"r{i}"] = "refused"
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    busy = [f"r{i}" for i in range(16) if i % 3 == 0]
+    assert sorted(outcomes[r] for r in busy) == ["refused"] * 3 + ["stored"] * 3
+    assert all(outcomes[f"r{i}"] == "stored" for i in range(16) if i % 3)
+    stored = {r["request_id"] for r in a.recent(100)}
+    assert stored == {r for r, o in outcomes.items() if o == "stored"}
+    assert a.store.client.hget("rl", "subject:busy") == b"3"
+    assert len(executed) < 16  # still batched
+    assert verify(a).ok

@@ -92,9 +92,9 @@ def test_one_transaction_per_append(monkeypatch):
     calls = []
     real = log.store.run_batch
 
-    def spy(batch):
+    def spy(batch, conditions=()):
         calls.append([str(c[0]).upper() for c in batch.commands])
-        return real(batch)
+        return real(batch, conditions)
 
     monkeypatch.setattr(log.store, "run_batch", spy)
     log.append(rec(request_id="2"))
@@ -147,9 +147,9 @@ def test_counter_updates_of_odd_records():
 def break_writes(log, monkeypatch, *, stored):
     real = log.store.run_batch
 
-    def fail(batch):
+    def fail(batch, conditions=()):
         if stored:
-            real(batch)
+            real(batch, conditions)
         raise redis.TimeoutError("lost")
 
     monkeypatch.setattr(log.store, "run_batch", fail)

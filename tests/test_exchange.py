@@ -12,8 +12,9 @@ import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 
+from broker.cache import role_cache_key
 from broker.errors import TemporarilyUnavailable
-from tests.support import ADMIN_AUDIENCE, GRANT, JWT_TYPE, SA_DOMAIN, exchange_form
+from tests.support import ADMIN_AUDIENCE, GRANT, JWT_TYPE, SA_DOMAIN, FakeClock, exchange_form
 
 
 def post(b, data, **kw):
@@ -330,3 +331,105 @@ def test_unparsable_requests_count_against_the_ip_limit(make_broker):
              for _ in range(4)]
     assert codes == [400, 400, 429, 429]
     assert post(b, exchange_form(b.issuer.token())).status_code == 429  # the IP is over
+
+
+# -- the in-process memo (broker/tokenmemo.py): one round trip per hit, purges exact ----------
+
+
+def _trips(b, monkeypatch):
+    """Record, per round trip of the exchange's multiplexer, the commands it carried."""
+    mux = b.app.extensions["broker"].exchange._mux
+    trips: list[list[str]] = []
+    real = mux.run
+
+    def run(recorder):
+        trips.append([str(c[0]).upper() for c in recorder.commands])
+        return real(recorder)
+
+    monkeypatch.setattr(mux, "run", run)
+    return trips
+
+
+def test_memoised_hit_is_one_round_trip_carrying_limits_and_record(make_broker, monkeypatch):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 100, "per_subject_per_minute": 100})
+    for _ in range(2):  # miss (mint), then a hit read from Redis (memoised)
+        assert post(b, exchange_form(b.issuer.token())).status_code == 200
+    trips = _trips(b, monkeypatch)
+    resp = post(b, exchange_form(b.issuer.token()))
+    assert resp.status_code == 200
+    assert trips == [["EVALSHA"]]  # no read: the audit batch alone, conditions included
+    assert [r["cache"] for r in b.audit()[:2]] == ["hit", "hit"]
+    assert len(b.minter.calls) == 1
+    # The hits were counted atomically with the record: 3 requests, 3 per limit.
+    window = b.redis.keys(f"{b.settings.redis.key_prefix}rl:*")
+    counts = {k.split(b":")[0]: int(v) for k, v in b.redis.hgetall(window[0]).items()}
+    assert counts == {b"client_ip": 3, b"subject": 3, b"mint_role": 1}
+    assert b.redis.ttl(window[0]) > 0
+
+
+def test_purge_stops_memoised_tokens_at_once(broker, monkeypatch):
+    b = broker
+    for _ in range(2):
+        post(b, exchange_form(b.issuer.token()))
+    first = b.minter.calls and post(b, exchange_form(b.issuer.token())).json["access_token"]
+    exchange = b.app.extensions["broker"].exchange
+    assert len(exchange._memo) == 1
+    # Another replica purges: this worker's memo is not told, the generation in Redis is.
+    role = b.app.extensions["broker"].roles().get("flux-source-reader")
+    cache = b.app.extensions["broker"].cache
+    assert cache.purge_role(role.name, also=[role_cache_key(role)]) == 1  # as the purge API does
+    trips = _trips(b, monkeypatch)
+    resp = post(b, exchange_form(b.issuer.token()))
+    assert resp.status_code == 200
+    assert resp.json["access_token"] != first and len(b.minter.calls) == 2
+    assert trips[0] == ["EVALSHA"] and "GET" in trips[1]  # refused by the generation, re-read
+    [rec] = [r for r in b.audit() if r.get("access_token_sha256")][:1]
+    assert rec["cache"] == "miss"  # the one record of that request names the new token
+    issued = [r for r in b.audit() if r["decision"] == "issued"]
+    assert len(issued) == 4  # no record for the refused memo attempt
+
+
+def test_memo_is_kept_at_most_its_ttl(make_broker, monkeypatch):
+    clock = FakeClock()
+    b = make_broker(clock=clock, cache={"memo": "10s"})
+    for _ in range(2):
+        post(b, exchange_form(b.issuer.token()))
+    trips = _trips(b, monkeypatch)
+    clock.now += 9
+    post(b, exchange_form(b.issuer.token()))
+    clock.now += 2  # 11 s after it was read
+    post(b, exchange_form(b.issuer.token()))
+    assert ["GET" in t for t in trips] == [False, True, False]
+
+
+def test_memo_stops_at_the_tokens_refresh_point(make_broker, monkeypatch):
+    clock = FakeClock()
+    # lifetime 1h x 0.005 = refresh due 18 s after minting, well within the 30 s memo.
+    b = make_broker(clock=clock, cache={"refresh_ahead": 0.005})
+    for _ in range(2):
+        post(b, exchange_form(b.issuer.token()))
+    trips = _trips(b, monkeypatch)
+    clock.now += 10
+    post(b, exchange_form(b.issuer.token()))
+    clock.now += 10  # past the refresh point: read Redis (where a refreshed token would be)
+    post(b, exchange_form(b.issuer.token()))
+    assert ["GET" in t for t in trips] == [False, True, False]  # memo; read, record
+
+
+def test_memo_off_reads_redis_every_time(make_broker, monkeypatch):
+    b = make_broker(cache={"memo": "0s"})
+    post(b, exchange_form(b.issuer.token()))
+    trips = _trips(b, monkeypatch)
+    for _ in range(2):
+        post(b, exchange_form(b.issuer.token()))
+    assert all("GET" in t for t in trips[::2]) and len(trips) == 4
+
+
+def test_rate_limit_exact_when_served_from_memo(make_broker):
+    b = make_broker(rate_limit={"per_client_ip_per_minute": 0, "per_subject_per_minute": 5})
+    codes = [post(b, exchange_form(b.issuer.token())).status_code for _ in range(8)]
+    assert codes == [200] * 5 + [429] * 3
+    assert [r["reason"] for r in b.audit()[:3]] == ["rate_limited_subject"] * 3
+    ip_over = make_broker(rate_limit={"per_client_ip_per_minute": 3, "per_subject_per_minute": 0})
+    codes = [post(ip_over, exchange_form(ip_over.issuer.token())).status_code for _ in range(5)]
+    assert codes == [200] * 3 + [429] * 2

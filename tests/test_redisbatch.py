@@ -4,7 +4,7 @@ import fakeredis
 import pytest
 import redis
 
-from broker.redisbatch import SCRIPT_SHA, CommandRecorder, run_atomically
+from broker.redisbatch import SCRIPT_SHA, CommandRecorder, Condition, run_atomically
 
 
 def test_records_redis_py_commands_and_runs_them_in_order():
@@ -44,3 +44,67 @@ def test_an_error_surfaces_as_redis_error():
 
 def test_empty_batch_is_a_no_op():
     run_atomically(fakeredis.FakeRedis(), CommandRecorder())
+
+
+# -- conditions: checked before anything is written, all or nothing ---------------------------
+
+
+def _batch(*values: str) -> CommandRecorder:
+    batch = CommandRecorder()
+    for v in values:
+        batch.rpush("log", v)
+    return batch
+
+
+def test_counts_within_their_limits_are_applied_with_the_batch():
+    client = fakeredis.FakeRedis()
+    hits = [Condition.count("rl:1", "subject:a", 2, 65), Condition.count("rl:1", "ip:x", 5, 65)]
+    assert run_atomically(client, _batch("one"), conditions=hits) == ()
+    assert client.hgetall("rl:1") == {b"subject:a": b"1", b"ip:x": b"1"}
+    assert 0 < client.ttl("rl:1") <= 65
+    assert client.lrange("log", 0, -1) == [b"one"]
+
+
+def test_a_count_over_its_limit_writes_nothing_and_names_the_failure():
+    client = fakeredis.FakeRedis()
+    client.hset("rl:1", "subject:a", 2)
+    hits = [Condition.count("rl:1", "ip:x", 5, 65), Condition.count("rl:1", "subject:a", 2, 65)]
+    assert run_atomically(client, _batch("one"), conditions=hits) == (1,)
+    assert client.hgetall("rl:1") == {b"subject:a": b"2"}  # the ip hit was not counted either
+    assert client.exists("log") == 0 and client.ttl("rl:1") == -1
+
+
+def test_hits_on_one_counter_in_one_batch_add_up():
+    client = fakeredis.FakeRedis()
+    three = [Condition.count("rl:1", "subject:a", 2, 65)] * 3
+    assert run_atomically(client, _batch("x"), conditions=three) == (2,)  # the third is over
+    assert run_atomically(client, _batch("x"), conditions=three[:2]) == ()
+    assert client.hget("rl:1", "subject:a") == b"2"
+
+
+def test_an_existing_expiry_is_kept():
+    client = fakeredis.FakeRedis()
+    client.hset("rl:1", "other", 1)
+    client.expire("rl:1", 10)
+    run_atomically(client, _batch("x"), conditions=[Condition.count("rl:1", "f", 3, 65)])
+    assert client.ttl("rl:1") <= 10
+
+
+def test_equals_holds_for_the_current_value_and_an_absent_key_is_empty():
+    client = fakeredis.FakeRedis()
+    assert run_atomically(client, _batch("a"), conditions=[Condition.equals("gen", "")]) == ()
+    client.set("gen", "g2")
+    assert run_atomically(client, _batch("b"), conditions=[Condition.equals("gen", "")]) == (0,)
+    assert run_atomically(client, _batch("c"), conditions=[Condition.equals("gen", "g2")]) == ()
+    assert client.lrange("log", 0, -1) == [b"a", b"c"]
+
+
+def test_conditions_travel_through_a_runner():
+    client = fakeredis.FakeRedis()
+    client.set("gen", "g1")
+    from broker.redismux import Multiplexer
+
+    mux = Multiplexer(client)
+    assert run_atomically(client, _batch("a"), mux, [Condition.equals("gen", "g0")]) == (0,)
+    assert run_atomically(client, _batch("b"), mux, [Condition.equals("gen", "g1")]) == ()
+    assert client.lrange("log", 0, -1) == [b"b"]

@@ -82,7 +82,13 @@ def test_captured_client_requests_replay(config, issuer, emulator, fixture):
             assert dict(pairs)["scope"] == FLUX_SCOPES
 
 
-def test_cache_hit_min_remaining_and_nothing_in_clear(config, issuer, emulator, redis_client):
+def test_cache_hit_min_remaining_and_nothing_in_clear(
+    tmp_path, issuer, redis_url, emulator, redis_client
+):
+    # Without the per-worker memo, so that every request reads the entry planted below.
+    config = broker_config(
+        tmp_path, issuer, redis_url=redis_url, iam_endpoint=emulator.url, cache={"memo": "0s"}
+    )
     with run_broker(config) as broker:
         tokens = {broker.token(exchange_form(issuer.token())).json()["access_token"] for _ in range(6)}
         assert len(tokens) == 1
