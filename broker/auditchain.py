@@ -9,8 +9,11 @@ signature over :func:`checkpoint_message`, which names the writer, the checkpoin
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from datetime import UTC, datetime
+import math
+import time
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -80,7 +83,20 @@ def entry_of(record_id_value: object) -> tuple[int, int] | None:
 
 def rfc3339(ts: float) -> str:
     """UTC RFC 3339 with milliseconds, e.g. ``2026-11-26T05:39:23.123Z``."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    # Rounded to the microsecond as datetime.fromtimestamp does, then cut to milliseconds.
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    second = int(whole)
+    if us >= 1_000_000:
+        second, us = second + 1, us - 1_000_000
+    elif us < 0:
+        second, us = second - 1, us + 1_000_000
+    return f"{_second(second)}.{us // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=256)  # every record formats one; most share their second
+def _second(epoch_s: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s))
 
 
 def parse_time(value: object) -> float | None:

@@ -126,7 +126,7 @@ class AuditStore:
         """Queue one record into ``pipe``: the chain entry at ``entry_id`` (chosen by the
         writer, so the index entries can point at it in the same round trip) and its index
         entries and counters. The caller runs ``pipe`` atomically (:meth:`run_batch`)."""
-        pipe.xadd(self.keys.chain(writer), {"r": payload}, id=entry_id)
+        pipe.execute_command("XADD", self.keys.chain(writer), entry_id, "r", payload)
         self.indexer.queue(pipe, record, pointer(writer, entry_id), now)
 
     def run_batch(

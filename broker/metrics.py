@@ -8,6 +8,7 @@ mode, tests) the default registry is used.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,10 +34,21 @@ LATENCY = Histogram(
 )
 
 
+_CHILDREN: dict[tuple[str, str], tuple[Any, Any]] = {}  # labels() validates on every call
+
+
 def observe(decision: str, reason: str, seconds: float) -> None:
     """Count one token request."""
-    REQUESTS.labels(decision=decision, reason=reason).inc()
-    LATENCY.labels(decision=decision).observe(seconds)
+    children = _CHILDREN.get((decision, reason))
+    if children is None:
+        children = (
+            REQUESTS.labels(decision=decision, reason=reason),
+            LATENCY.labels(decision=decision),
+        )
+        if len(_CHILDREN) < 1024:  # reasons are a closed set; never grow without bound
+            _CHILDREN[(decision, reason)] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def render() -> tuple[bytes, str]:

@@ -28,12 +28,16 @@ class Multiplexer:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._calls: GroupCommit[list[tuple[Any, ...]]] = GroupCommit(self._send)
+        # Only the flushing leader touches it (one batch at a time), so one connection serves
+        # the worker; taken from the pool on first use, dropped after any failure.
+        self._conn: Any = None
 
     def run(self, recorder: CommandRecorder) -> list[Any]:
         """Send ``recorder``'s commands (with whatever else is queued); return their replies.
 
-        Raises ``redis.RedisError``: the first error among this caller's replies, or the
-        connection's error.
+        Replies are raw (no response callbacks): bytes, ints, lists. Raises
+        ``redis.RedisError``: the first error among this caller's replies, or the connection's
+        error.
         """
         if not recorder.commands:
             return []
@@ -43,12 +47,9 @@ class Multiplexer:
         return list(call.result)
 
     def _send(self, batch: list[Ticket[list[tuple[Any, ...]]]]) -> None:
+        commands = [command for call in batch for command in call.payload]
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for call in batch:
-                for command in call.payload:
-                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-            replies = pipe.execute(raise_on_error=False)
+            replies = self._round_trip(commands)
         except redis.RedisError as exc:
             for call in batch:
                 call.error = exc
@@ -57,7 +58,7 @@ class Multiplexer:
             for call in batch:
                 call.error = redis.RedisError(f"pipeline failed: {type(exc).__name__}")
             return
-        if len(replies) != sum(len(call.payload) for call in batch):  # never guess
+        if len(replies) != len(commands):  # never guess
             for call in batch:
                 call.error = redis.RedisError("pipeline answered the wrong number of replies")
             return
@@ -67,3 +68,31 @@ class Multiplexer:
             at += len(call.payload)
             call.result = mine
             call.error = next((r for r in mine if isinstance(r, redis.RedisError)), None)
+
+    def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """All ``commands`` in one write, then their replies: a pipeline without redis-py's
+        per-call pipeline object, pool checkout and response callbacks. Retried as redis-py
+        retries a pipeline (the client's retry policy; the broker's is none: a dropped
+        connection fails one batch with a 503, and the next connects afresh)."""
+        if self._conn is None:
+            self._conn = self._client.connection_pool.get_connection()
+        conn = self._conn
+
+        def exchange() -> list[Any]:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # an error reply: the others still follow
+                    replies.append(exc)
+            return replies
+
+        try:
+            replies: list[Any] = conn.retry.call_with_retry(
+                exchange, lambda _error: conn.disconnect()
+            )
+            return replies
+        except BaseException:
+            conn.disconnect()  # its state is unknown: the next batch connects afresh
+            raise

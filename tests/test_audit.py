@@ -416,3 +416,15 @@ def test_concurrent_batch_drops_only_the_refused_records(monkeypatch):
     assert a.store.client.hget("rl", "subject:busy") == b"3"
     assert len(executed) < 16  # still batched
     assert verify(a).ok
+
+
+def test_rfc3339_matches_datetime_formatting():
+    import random
+    from datetime import UTC, datetime
+
+    rng = random.Random(7)
+    stamps = [0.0, 1.9999999, 1764135563.9999996, 1764135563.0005]
+    stamps += [rng.uniform(0, 4e9) for _ in range(20000)]
+    for ts in stamps:
+        expected = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        assert rfc3339(ts) == expected, ts

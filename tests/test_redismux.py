@@ -22,21 +22,14 @@ def test_each_caller_gets_its_own_replies_and_round_trips_are_shared(monkeypatch
     client = fakeredis.FakeRedis()
     mux = Multiplexer(client)
     sent = []
-    real = client.pipeline
+    real = mux._round_trip
 
-    def pipeline(*a, **k):
-        pipe = real(*a, **k)
-        execute = pipe.execute
+    def round_trip(commands):
+        time.sleep(0.01)  # hold the round trip so others queue behind it
+        sent.append(len(commands))
+        return real(commands)
 
-        def run(*ea, **ek):
-            time.sleep(0.01)  # hold the round trip so others queue behind it
-            sent.append(len(pipe))
-            return execute(*ea, **ek)
-
-        pipe.execute = run
-        return pipe
-
-    monkeypatch.setattr(client, "pipeline", pipeline)
+    monkeypatch.setattr(mux, "_round_trip", round_trip)
     out = {}
     barrier = threading.Barrier(20)
 
@@ -59,7 +52,7 @@ def test_an_error_reply_is_raised_only_to_its_caller():
     mux = Multiplexer(client)
     with pytest.raises(redis.ResponseError):
         mux.run(rec(("HINCRBY", "str", "f", 1)))  # WRONGTYPE
-    assert mux.run(rec(("SET", "a", "1"), ("GET", "a"))) == [True, b"1"]
+    assert mux.run(rec(("SET", "a", "1"), ("GET", "a"))) == [b"OK", b"1"]  # raw replies
 
 
 def test_connection_errors_reach_every_caller():
@@ -67,3 +60,11 @@ def test_connection_errors_reach_every_caller():
     with pytest.raises(redis.ConnectionError):
         mux.run(rec(("GET", "a")))
     assert mux.run(CommandRecorder()) == []
+
+
+def test_a_dropped_connection_is_replaced():
+    client = fakeredis.FakeRedis()
+    mux = Multiplexer(client)
+    assert mux.run(rec(("SET", "a", "1"))) == [b"OK"]
+    mux._conn.disconnect()  # e.g. Redis restarted between two batches
+    assert mux.run(rec(("GET", "a"))) == [b"1"]
