@@ -486,9 +486,16 @@ class AuditLog:
         """One JSON line per record on stdout, in one write (the witness outside Redis)."""
         if not self._stdout or not bodies:
             return
+        lines = b"".join([b'{"audit":' + orjson.dumps(b) + b"}\n" for b in bodies])
         out = self._out or sys.stdout
-        out.write("".join(orjson.dumps({"audit": b}).decode() + "\n" for b in bodies))
-        out.flush()
+        binary = getattr(out, "buffer", None)  # a real stdout takes the bytes as they are
+        if binary is not None:
+            out.flush()
+            binary.write(lines)
+            binary.flush()
+        else:
+            out.write(lines.decode())
+            out.flush()
 
     def recent(self, count: int = 100, *, checkpoints: bool = False) -> list[dict[str, Any]]:
         """Newest records of all writers first (checkpoints only when asked)."""

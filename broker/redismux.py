@@ -14,6 +14,7 @@ transaction (the audit batch is one atomic script call within it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -79,7 +80,7 @@ class Multiplexer:
         conn = self._conn
 
         def exchange() -> list[Any]:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(_pack(conn, commands))
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -96,3 +97,19 @@ class Multiplexer:
         except BaseException:
             conn.disconnect()  # its state is unknown: the next batch connects afresh
             raise
+
+
+def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
+    """The commands in the Redis protocol. hiredis packs a whole command in C; redis-py's own
+    packer (used without hiredis, and by the embedded store) first walks every argument in
+    Python, which shows on audit batches of hundreds of arguments."""
+    if _hiredis_pack is not None and type(conn) is redis.Connection:
+        return [b"".join([_hiredis_pack(command) for command in commands])]
+    return conn.pack_commands(commands)
+
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py works without it
+    _hiredis_pack = None
