@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 import re
 import secrets
@@ -107,10 +108,11 @@ class AuditRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a plain dict (shallow: values are immutable or owned by the record)."""
-        return {name: getattr(self, name) for name in _RECORD_FIELDS}
+        return dict(zip(_RECORD_FIELDS, _ALL_FIELDS(self), strict=True))
 
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
+_ALL_FIELDS = operator.attrgetter(*_RECORD_FIELDS)  # one C call for every field
 
 
 def new_writer_id() -> str:

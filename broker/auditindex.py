@@ -18,8 +18,9 @@ on Redis Cluster they would be written in a second pipeline, see docs/audit.md):
   ``{prefix}{audit:stats}:<day>:refused``: a sorted set of refused subjects by count. They make
   ``GET /v1/audit/report`` O(days). Both share one hash tag so a report can union them.
 
-Per record this is one ``XADD`` per index (three to six) and one or two counter increments, all
-queued into the caller's pipeline: no extra round trip, no Lua.
+Per record this is one ``XADD`` per index (three to six; sent as one ``XADDS`` of the batch
+script, :mod:`broker.redisbatch`) and one or two counter increments, all in the record's own
+atomic batch: no extra round trip.
 """
 
 from __future__ import annotations
@@ -169,14 +170,14 @@ class IndexWriter:
 
     def queue(self, pipe: Any, record: dict[str, Any], where: str, now: float) -> None:
         """Add ``record`` (stored at ``where``, see :func:`pointer`) to its indexes and its
-        day's counters, in ``pipe``. ``now`` is the writer's clock."""
+        day's counters, in ``pipe`` (a :class:`broker.redisbatch.CommandRecorder`, run by
+        :func:`broker.redisbatch.run_atomically`). ``now`` is the writer's clock."""
         minid = max(0, int((now - self._retention_s) * 1000))
         today = int(now // DAY_S)
         keep_ms = int((self._retention_s + DAY_S) * 1000)
-        for key in self.keys.for_record(record):
-            # XADD key MINID ~ minid * p where (recorded as is: the hot path skips redis-py's
-            # argument building)
-            pipe.execute_command("XADD", key, "MINID", "~", minid, "*", "p", where)
+        keys = list(self.keys.for_record(record))
+        pipe.xadds(keys, minid, "p", where)  # XADD key MINID ~ minid * p where, per key
+        for key in keys:
             if self._first_today(key, today):
                 pipe.pexpire(key, keep_ms)
         fields, member, n = counter_updates(record)

@@ -166,6 +166,7 @@ class TokenExchange:
         token: AccessToken,
         hit: bool,
         conditions: Sequence[Condition] = (),
+        memo: MemoEntry | None = None,
     ) -> ExchangeResult:
         """Record the issuance (with ``conditions``, atomically), then answer with ``token``.
 
@@ -183,9 +184,9 @@ class TokenExchange:
             service_account=role.service_account,
             scopes=role.scopes,
             lifetime_s=role.lifetime_s,
-            expires_at=rfc3339(token.expires_at),
+            expires_at=memo.expires_at if memo else rfc3339(token.expires_at),
             cache="hit" if hit else "miss",
-            access_token_sha256=sha256_hex(token.token),
+            access_token_sha256=memo.access_token_sha256 if memo else sha256_hex(token.token),
         )
         # Fail closed: the token leaves only once its record is stored.
         stored = self._audit.append(record, conditions)
@@ -222,7 +223,7 @@ class TokenExchange:
         try:
             return self._issue(
                 ctx, raw_token, identity, role, mint_request, key, memo.token, True,
-                [*(h.condition for h in hits), fresh],
+                [*(h.condition for h in hits), fresh], memo,
             )
         except ConditionsFailed as failed:
             if fresh in failed.failed:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import time
@@ -175,8 +176,7 @@ class RateLimiter:
         """The hash and field counting ``identity`` (hashed) in ``window``. One hash per minute
         holds every counter of that window: one HINCRBY per hit, and its expiry is set once per
         window by each process, not on every hit."""
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
-        return f"{self._prefix}rl:{window}", f"{kind}:{digest}"
+        return f"{self._prefix}rl:{window}", f"{kind}:{_digest(identity)}"
 
     def _over(self, pending: PendingCount, results: Sequence[Any]) -> int | None:
         if int(results[pending.index]) <= pending.limit:
@@ -222,6 +222,11 @@ class MintBudget:
                 reason="mint_budget_exhausted",
                 retry_after=retry_after,
             )
+
+
+@functools.lru_cache(maxsize=16384)  # callers repeat: one hash per caller, not per request
+def _digest(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
 def client_ip(

@@ -32,7 +32,8 @@ from redis.commands.core import CoreCommands
 # (argc1, cmd1..., argc2, cmd2..., ...). Every condition is checked before anything is written:
 # if any fails, nothing is written and the script answers the failed conditions' numbers
 # (1-based); otherwise it applies the counts, runs each command in order and answers an empty
-# list. A command's error aborts the script.
+# list. A command's error aborts the script. One command exists only here: XADDS minid field
+# value key... = XADD key MINID ~ minid * field value, for each key (see CommandRecorder.xadds).
 SCRIPT = """
 local g = tonumber(ARGV[1])
 local failed = {}
@@ -72,7 +73,14 @@ end
 local n = #ARGV
 while i <= n do
   local argc = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + argc))
+  if ARGV[i + 1] == 'XADDS' then
+    local minid, f, v = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    for k = i + 5, i + argc do
+      redis.call('XADD', ARGV[k], 'MINID', '~', minid, '*', f, v)
+    end
+  else
+    redis.call(unpack(ARGV, i + 1, i + argc))
+  end
   i = i + argc + 1
 end
 return {}
@@ -118,6 +126,13 @@ class CommandRecorder(CoreCommands):
 
     def __len__(self) -> int:
         return len(self.commands)
+
+    def xadds(self, keys: Sequence[str], minid: int, field: str, value: str) -> None:
+        """``XADD key MINID ~ minid * field value`` for each of ``keys``, as one command of
+        the batch script (a fraction of the arguments to pack and parse). Only
+        :func:`run_atomically` runs it."""
+        if keys:
+            self.commands.append(("XADDS", minid, field, value, *keys))
 
 
 class Runner(Protocol):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from broker.auditchain import rfc3339, sha256_hex
 from broker.model import AccessToken
 
 MAX_ENTRIES = 4096  # cache keys per worker; cleared when exceeded (roles are few)
@@ -28,6 +29,9 @@ class MemoEntry:
     token: AccessToken
     generation: str  # the cache generation it was read under ("" when none was ever written)
     until: float  # epoch seconds: served before this moment only
+    # What every audit record of this token says about it, computed once.
+    access_token_sha256: str = ""
+    expires_at: str = ""
 
 
 class TokenMemo:
@@ -60,7 +64,9 @@ class TokenMemo:
         with self._lock:
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[key] = MemoEntry(token, generation, until)
+            self._entries[key] = MemoEntry(
+                token, generation, until, sha256_hex(token.token), rfc3339(token.expires_at)
+            )
 
     def clear(self) -> None:
         """Forget everything (a purge happened since these tokens were read)."""

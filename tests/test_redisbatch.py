@@ -108,3 +108,15 @@ def test_conditions_travel_through_a_runner():
     assert run_atomically(client, _batch("a"), mux, [Condition.equals("gen", "g0")]) == (0,)
     assert run_atomically(client, _batch("b"), mux, [Condition.equals("gen", "g1")]) == ()
     assert client.lrange("log", 0, -1) == [b"b"]
+
+
+def test_xadds_adds_one_entry_per_key():
+    client = fakeredis.FakeRedis()
+    client.xadd("i1", {"p": "old"}, id="1-0")
+    batch = CommandRecorder()
+    batch.xadds(["i1", "i2"], 5, "p", "w 9-0")
+    batch.xadds([], 5, "p", "nothing")  # no keys: no command
+    assert len(batch) == 1
+    run_atomically(client, batch)
+    assert [f[b"p"] for _, f in client.xrange("i2")] == [b"w 9-0"]
+    assert [f[b"p"] for _, f in client.xrange("i1")][-1] == b"w 9-0"  # MINID ~: trims lazily

@@ -15,10 +15,11 @@ def test_batch_on_real_redis(redis_client: redis.Redis):
         batch = CommandRecorder()
         for i in range(50):
             batch.xadd(p + "s", {"r": f"rec{i}"}, id=f"100-{i}")
-            batch.xadd(p + "idx", {"p": f"w 100-{i}"}, minid=0, approximate=True)
+            batch.xadds([p + "idx", p + "idx2"], 0, "p", f"w 100-{i}")
             batch.hincrby(p + "h", "n", 1)
         run_atomically(redis_client, batch)
         assert redis_client.xlen(p + "s") == 50 and redis_client.xlen(p + "idx") == 50
+        assert redis_client.xlen(p + "idx2") == 50
         assert redis_client.hget(p + "h", "n") == b"50"
     finally:
         for key in redis_client.scan_iter(p + "*"):
