@@ -44,6 +44,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from broker.settings import ServerSettings
+
 REPO = Path(__file__).resolve().parents[1]
 ISSUER = "https://bench.invalid/cluster"
 AUDIENCE = "https://token-broker.bench"
@@ -125,7 +127,9 @@ def make_tokens(key: rsa.RSAPrivateKey, kid: str, n: int) -> list[str]:
         return [t for batch in pool.map(_sign_batch, jobs) for t in batch]
 
 
-def write_config(tmp: Path, redis_url: str, emulator: str, bind: str, keys: int) -> Path:
+def write_config(
+    tmp: Path, redis_url: str, emulator: str, bind: str, keys: int, *, workers: int, threads: int
+) -> Path:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     kid = "bench-" + secrets.token_hex(4)
@@ -154,7 +158,7 @@ def write_config(tmp: Path, redis_url: str, emulator: str, bind: str, keys: int)
         )
     (tmp / "roles.yaml").write_text(yaml.safe_dump({"roles": roles}))
     config = {
-        "server": {"bind": bind},  # workers/threads: the defaults (production settings)
+        "server": {"bind": bind, "workers": workers, "threads": threads},
         "redis": {"url": redis_url},
         "issuers": [
             {
@@ -268,6 +272,13 @@ def main() -> None:
     ap.add_argument("--burst-callers", type=int, default=20)
     ap.add_argument("--burst-keys", type=int, default=10)
     ap.add_argument("--sides", default="a,b,b'")
+    defaults = ServerSettings()
+    ap.add_argument(
+        "--workers", type=int, default=defaults.workers, help="all sides (default: production)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=defaults.threads, help="all sides (default: production)"
+    )
     args = ap.parse_args()
     if not shutil.which("wrk") or not shutil.which("redis-server"):
         sys.exit("needs wrk and redis-server (Debian packages wrk, redis-server)")
@@ -277,7 +288,10 @@ def main() -> None:
     bare_port, xadd_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     emulator = f"http://127.0.0.1:{emu_port}"
-    config = write_config(tmp, redis_url, emulator, f"127.0.0.1:{broker_port}", args.burst_keys)
+    config = write_config(
+        tmp, redis_url, emulator, f"127.0.0.1:{broker_port}", args.burst_keys,
+        workers=args.workers, threads=args.threads,
+    )
     key = serialization.load_pem_private_key((tmp / "key.pem").read_bytes(), None)
     kid = json.loads((tmp / "jwks.json").read_text())["keys"][0]["kid"]
     print(f"signing {args.tokens} distinct subject tokens...", file=sys.stderr)
@@ -314,9 +328,9 @@ def main() -> None:
         "-k",
         "gthread",
         "-w",
-        "2",
+        str(args.workers),
         "--threads",
-        "8",
+        str(args.threads),
         "--keep-alive",
         "5",
         "--log-level",
@@ -407,7 +421,8 @@ def main() -> None:
     best = {s: max(v, key=lambda x: x["rps"]) for s, v in runs.items()}
     print(
         f"\n== token-broker benchmark (best of {args.rounds} runs of {args.duration}s, "
-        f"wrk -t1 -c{args.connections}, {args.tokens} distinct tokens) =="
+        f"wrk -t1 -c{args.connections}, {args.tokens} distinct tokens, gunicorn gthread "
+        f"{args.workers} workers x {args.threads} threads on every side) =="
     )
     labels = {
         "a": "(a)  broker cache hit",
