@@ -14,6 +14,7 @@ Sides alternate over several short wrk runs (gunicorn workers race to accept con
 single run can land everything on one worker); best is compared with best.
 
     python bench/run.py [--duration 8] [--rounds 3] [--connections 32] [--tokens 30000]
+                        [--workers 2] [--threads 8]
 """
 
 from __future__ import annotations

@@ -21,6 +21,12 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     --logfile "$(pwd)/.redis-test.log"
   for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
+# tests/test_deploy.py validates docker-compose.yml with the compose CLI (no Docker engine needed).
+if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  echo "docker compose not found; installing docker-compose (Debian package) for the config check" >&2
+  (apt-get update -qq && apt-get install -y -qq docker-compose) >/dev/null 2>&1 \
+    || echo "could not install docker-compose; its config check will be skipped" >&2
+fi
 export TB_REQUIRE_REDIS=1  # integration tests fail (not skip) when Redis is missing
 
 "$VENV/bin/ruff" check broker tests bench

@@ -351,7 +351,10 @@ def _trips(b, monkeypatch):
 
 
 def test_memoised_hit_is_one_round_trip_carrying_limits_and_record(make_broker, monkeypatch):
-    b = make_broker(rate_limit={"per_client_ip_per_minute": 100, "per_subject_per_minute": 100})
+    clock = FakeClock()  # still: all three requests count in one rate-limit window
+    b = make_broker(
+        clock=clock, rate_limit={"per_client_ip_per_minute": 100, "per_subject_per_minute": 100}
+    )
     for _ in range(2):  # miss (mint), then a hit read from Redis (memoised)
         assert post(b, exchange_form(b.issuer.token())).status_code == 200
     trips = _trips(b, monkeypatch)
@@ -426,10 +429,15 @@ def test_memo_off_reads_redis_every_time(make_broker, monkeypatch):
 
 
 def test_rate_limit_exact_when_served_from_memo(make_broker):
-    b = make_broker(rate_limit={"per_client_ip_per_minute": 0, "per_subject_per_minute": 5})
+    clock = FakeClock()  # one rate-limit window throughout
+    b = make_broker(
+        clock=clock, rate_limit={"per_client_ip_per_minute": 0, "per_subject_per_minute": 5}
+    )
     codes = [post(b, exchange_form(b.issuer.token())).status_code for _ in range(8)]
     assert codes == [200] * 5 + [429] * 3
     assert [r["reason"] for r in b.audit()[:3]] == ["rate_limited_subject"] * 3
-    ip_over = make_broker(rate_limit={"per_client_ip_per_minute": 3, "per_subject_per_minute": 0})
+    ip_over = make_broker(
+        clock=clock, rate_limit={"per_client_ip_per_minute": 3, "per_subject_per_minute": 0}
+    )
     codes = [post(ip_over, exchange_form(ip_over.issuer.token())).status_code for _ in range(5)]
     assert codes == [200] * 3 + [429] * 2
