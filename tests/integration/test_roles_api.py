@@ -160,10 +160,14 @@ def test_two_replicas_concurrent_edits_and_audit(config, issuer, emulator, tmp_p
 
         t1 = mint(a, "team-x", "runner", "batch-a")
         assert mint(b, "team-x", "runner", "batch-a") == t1  # shared cache
+        for target in (a, b) * 4:  # the workers of both replicas now hold t1 in their memos
+            assert mint(target, "team-x", "runner", "batch-a") == t1
         resp = call(b, "POST", "/v1/cache/purge", body={"service_account": f"batch-a@{SA_DOMAIN}"})
         assert resp.json()["purged"] == 1
-        t2 = mint(a, "team-x", "runner", "batch-a")
-        assert t2 != t1
+        # At once, on every replica and worker: the memos no longer issue t1.
+        after = {mint(target, "team-x", "runner", "batch-a") for target in (a, b) * 4}
+        assert len(after) == 1 and t1 not in after
+        (t2,) = after
         role_etag = call(a, "GET", "/v1/roles/batch-a").headers["ETag"]
         changed = role("batch-a", ns="team-*", sa="runner", lifetime="45m")
         resp = call(a, "PUT", "/v1/roles/batch-a", body=changed, **{"If-Match": role_etag})
