@@ -371,6 +371,7 @@ class AuditLog:
                 "the audit log is unavailable; nothing was issued", retry_after=1
             ) from exc
         if failed:
+            self.store.indexer.forget()  # its expiries were not written: set them next time
             return failed
         self._registered = True
         self._commit_locked(bodies, entry_ids)

@@ -249,6 +249,20 @@ class TokenCache:
         pipe.get(self.generation_key)
         return index
 
+    def ensure_generation(self) -> str:
+        """The purge generation, written first if there is none (``SET NX``); "" when Redis
+        could not be asked (the caller's own write will fail too)."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self.generation_key, secrets.token_hex(16), nx=True)
+            pipe.get(self.generation_key)
+            return generation_of(pipe.execute()[1])
+        except redis.RedisError as exc:
+            log.warning(
+                "token cache: could not write the purge generation (%s)", type(exc).__name__
+            )
+            return ""
+
     def generation_holds(self, generation: str) -> Condition:
         """A batch condition: no purge since ``generation`` was read."""
         return Condition.equals(self.generation_key, generation)

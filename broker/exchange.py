@@ -29,6 +29,8 @@ from broker.tokenmemo import MemoEntry, TokenMemo
 
 # A mint failure is every concurrent waiter's answer, and that of callers in the next second.
 SHARE_MINT_FAILURE_S = 1.0
+# Reads of the cache per request when purges keep landing between read and issue (then 503).
+PURGE_RETRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +131,27 @@ class TokenExchange:
                 # A purge happened since this worker read the token: read Redis again.
             # One round trip counts both rate limits and reads the cache (the hot path).
             counted = True
-            cached = self._count_and_read(ctx, identity, key, role.lifetime_s)
-            if cached is not None:
-                token, hit = cached, True
-            else:
-                token, hit = self._mint_once(role.name, key, mint_request)
-            return self._issue(ctx, raw_token, identity, role, mint_request, key, token, hit)
+            cached, generation = self._count_and_read(ctx, identity, key, role.lifetime_s)
+            for _ in range(PURGE_RETRIES):
+                if cached is not None:
+                    token, hit = cached, True
+                else:
+                    token, hit = self._mint_once(role.name, key, mint_request)
+                try:
+                    # Issued only if no purge happened since the read (exact purges).
+                    return self._issue(
+                        ctx, raw_token, identity, role, mint_request, key, token, hit,
+                        [self._cache.generation_holds(generation)],
+                    )
+                except ConditionsFailed:
+                    if self._memo is not None:
+                        self._memo.clear()
+                    cached, generation = self._read(key)  # counted already
+            raise StoreUnavailable("the token cache is being purged; retry", retry_after=1)
         except BrokerError as exc:
             final = exc
-            if not counted:
+            # Refusals by the store itself are not counted (in the store that just failed).
+            if not counted and not isinstance(exc, StoreUnavailable):
                 # Refused before the hot path: the request still counts against the client's
                 # IP (so a flood of garbage is cut off, then refused before verification) and,
                 # once verified, against the caller; a limit's own refusal is not recounted.
@@ -235,7 +249,9 @@ class TokenExchange:
 
     def _count_and_read(
         self, ctx: RequestContext, identity: WorkloadIdentity, key: str, lifetime_s: int
-    ) -> AccessToken | None:
+    ) -> tuple[AccessToken | None, str]:
+        """Count both rate limits and read the cache entry and the purge generation, in one
+        round trip."""
         limits = self._settings.rate_limit
         pipe: Any = CommandRecorder()  # redis-py command methods, recorded
         by_ip = (
@@ -246,7 +262,7 @@ class TokenExchange:
         by_subject = self._limiter.queue(
             pipe, "subject", identity.principal, limits.per_subject_per_minute
         )
-        gen_at = self._cache.queue_generation(pipe) if self._memo is not None else None
+        gen_at = self._cache.queue_generation(pipe)
         at = self._cache.queue_get(pipe, key)
         try:
             results = self._mux.run(pipe)
@@ -257,10 +273,33 @@ class TokenExchange:
             ) from exc
         self._limiter.settle(by_ip, results)
         self._limiter.settle(by_subject, results)
-        token = self._cache.servable(key, results[at])
-        if token is not None and gen_at is not None:
-            self._remember(key, token, generation_of(results[gen_at]), lifetime_s)
-        return token
+        return self._received(key, results[gen_at], results[at], lifetime_s)
+
+    def _read(self, key: str, lifetime_s: int = 0) -> tuple[AccessToken | None, str]:
+        """The cache entry and the purge generation, read again (nothing counted)."""
+        pipe: Any = CommandRecorder()
+        gen_at = self._cache.queue_generation(pipe)
+        at = self._cache.queue_get(pipe, key)
+        try:
+            results = self._mux.run(pipe)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(
+                f"store unavailable ({type(exc).__name__})", retry_after=1
+            ) from exc
+        return self._received(key, results[gen_at], results[at], lifetime_s)
+
+    def _received(
+        self, key: str, raw_generation: object, raw: object, lifetime_s: int
+    ) -> tuple[AccessToken | None, str]:
+        token = self._cache.servable(key, raw)
+        if raw_generation is None:
+            # No generation yet (a new or flushed Redis): write one. Nothing is memoised under
+            # "none", so a generation lost later cannot pass for the one read here.
+            return token, self._cache.ensure_generation()
+        generation = generation_of(raw_generation)
+        if token is not None and self._memo is not None and lifetime_s:
+            self._remember(key, token, generation, lifetime_s)
+        return token, generation
 
     def _remember(self, key: str, token: AccessToken, generation: str, lifetime_s: int) -> None:
         """Memoise ``token`` while it stays servable, and not past its refresh point (after it,

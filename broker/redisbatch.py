@@ -31,9 +31,12 @@ from redis.commands.core import CoreCommands
 # ARGV: G, then G conditions of five arguments each (op, key, arg, limit, ttl), then the commands
 # (argc1, cmd1..., argc2, cmd2..., ...). Every condition is checked before anything is written:
 # if any fails, nothing is written and the script answers the failed conditions' numbers
-# (1-based); otherwise it applies the counts, runs each command in order and answers an empty
-# list. A command's error aborts the script. One command exists only here: XADDS minid field
-# value key... = XADD key MINID ~ minid * field value, for each key (see CommandRecorder.xadds).
+# (1-based); otherwise it runs each command in order, then applies the counts, and answers an
+# empty list. A command's error aborts the script: Redis runs a script atomically (nothing else
+# in between) but does not undo the writes before the error; the counts come last, so a batch
+# that fails this way (a key of the wrong type, out of memory) counts no hit. One command exists
+# only here: XADDS minid field value key... = XADD key MINID ~ minid * field value, for each key
+# (see CommandRecorder.xadds).
 SCRIPT = """
 local g = tonumber(ARGV[1])
 local failed = {}
@@ -57,19 +60,6 @@ for c = 1, g do
   i = i + 5
 end
 if #failed > 0 then return failed end
-local expiring = {}
-local j = 2
-for c = 1, g do
-  if ARGV[j] == 'count' then
-    local key = ARGV[j + 1]
-    redis.call('HINCRBY', key, ARGV[j + 2], 1)
-    if expiring[key] == nil then
-      expiring[key] = true
-      if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ARGV[j + 4]) end
-    end
-  end
-  j = j + 5
-end
 local n = #ARGV
 while i <= n do
   local argc = tonumber(ARGV[i])
@@ -82,6 +72,19 @@ while i <= n do
     redis.call(unpack(ARGV, i + 1, i + argc))
   end
   i = i + argc + 1
+end
+local expiring = {}
+local j = 2
+for c = 1, g do
+  if ARGV[j] == 'count' then
+    local key = ARGV[j + 1]
+    redis.call('HINCRBY', key, ARGV[j + 2], 1)
+    if expiring[key] == nil then
+      expiring[key] = true
+      if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ARGV[j + 4]) end
+    end
+  end
+  j = j + 5
 end
 return {}
 """

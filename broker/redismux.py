@@ -78,6 +78,13 @@ class Multiplexer:
         if self._conn is None:
             self._conn = self._client.connection_pool.get_connection()
         conn = self._conn
+        # As a pool checkout does: a connection with something to read before we asked was
+        # closed by the server (idle timeout, restart, failover) or is out of step: replace it.
+        try:
+            if conn.can_read():
+                conn.disconnect()
+        except (redis.ConnectionError, OSError):
+            conn.disconnect()
 
         def exchange() -> list[Any]:
             conn.send_packed_command(_pack(conn, commands))

@@ -8,9 +8,12 @@ Purges stay exact: every purge writes a fresh random *generation* into Redis
 (:meth:`broker.cache.TokenCache.purge`). A memo entry remembers the generation it was read
 under, and a token served from the memo is issued only through an audit batch whose condition
 is that Redis still holds that generation (:mod:`broker.redisbatch`), checked atomically with
-the record. A purge that has returned therefore stops every worker of every replica from
-issuing the purged token; a request that loses this race reads Redis again. The generation is
-random, not a counter, so a Redis restart cannot bring an old value back.
+the record. Tokens read from Redis are issued under the same condition (the generation is read
+with the entry). A purge that has returned therefore stops every worker of every replica from
+issuing a token it deleted; a request that loses this race reads Redis again. (A mint still in
+flight when the purge runs stores its new token afterwards, as before.) The generation is
+random, not a counter, and nothing is memoised while none exists, so a Redis restart or flush
+cannot bring an old value back.
 """
 
 from __future__ import annotations

@@ -428,3 +428,13 @@ def test_rfc3339_matches_datetime_formatting():
     for ts in stamps:
         expected = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         assert rfc3339(ts) == expected, ts
+
+
+def test_a_refused_round_still_gives_index_keys_their_expiry():
+    a = make_log()
+    with pytest.raises(ConditionsFailed):
+        a.append(rec(request_id="stale"), [Condition.equals("memo-gen", "g1")])
+    a.append(rec(request_id="ok"))
+    client = a.store.client
+    keys = [k for k in client.keys("*") if b"audit:idx" in k or b"audit:stats" in k]
+    assert keys and all(client.ttl(k) > 0 for k in keys)

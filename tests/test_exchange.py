@@ -441,3 +441,36 @@ def test_rate_limit_exact_when_served_from_memo(make_broker):
     )
     codes = [post(ip_over, exchange_form(ip_over.issuer.token())).status_code for _ in range(5)]
     assert codes == [200] * 3 + [429] * 2
+
+
+def test_a_purge_between_read_and_issue_is_exact_on_the_redis_path(broker, monkeypatch):
+    b = broker
+    old = post(b, exchange_form(b.issuer.token())).json["access_token"]
+    exchange = b.app.extensions["broker"].exchange
+    cache = b.app.extensions["broker"].cache
+    role = b.app.extensions["broker"].roles().get("flux-source-reader")
+    exchange._memo.clear()
+    real = exchange._count_and_read
+
+    def read_then_purge(*args):
+        out = real(*args)
+        cache.purge_role(role.name, also=[role_cache_key(role)])  # lands after the read
+        exchange._memo.clear()
+        return out
+
+    monkeypatch.setattr(exchange, "_count_and_read", read_then_purge)
+    resp = post(b, exchange_form(b.issuer.token()))
+    assert resp.status_code == 200 and resp.json["access_token"] != old
+    issued = [r for r in b.audit() if r["decision"] == "issued"]
+    assert len(issued) == 2 and issued[0]["cache"] == "miss"  # one record, for the new token
+
+
+def test_a_lost_generation_never_lets_a_memoised_token_through(broker):
+    b = broker
+    for _ in range(2):  # the second read memoises the token
+        first = post(b, exchange_form(b.issuer.token())).json["access_token"]
+    cache = b.app.extensions["broker"].cache
+    b.redis.delete(cache.generation_key, *b.redis.keys("*{cache:*}:token"))  # e.g. FLUSHALL
+    resp = post(b, exchange_form(b.issuer.token()))
+    assert resp.status_code == 200 and resp.json["access_token"] != first
+    assert b.redis.get(cache.generation_key)  # written afresh

@@ -120,3 +120,13 @@ def test_xadds_adds_one_entry_per_key():
     run_atomically(client, batch)
     assert [f[b"p"] for _, f in client.xrange("i2")] == [b"w 9-0"]
     assert [f[b"p"] for _, f in client.xrange("i1")][-1] == b"w 9-0"  # MINID ~: trims lazily
+
+
+def test_a_failing_command_counts_no_hit():
+    client = fakeredis.FakeRedis()
+    client.set("str", "x")
+    batch = CommandRecorder()
+    batch.hincrby("str", "f", 1)  # WRONGTYPE: aborts the script
+    with pytest.raises(redis.ResponseError):
+        run_atomically(client, batch, conditions=[Condition.count("rl", "subject:a", 5, 65)])
+    assert client.hget("rl", "subject:a") is None
