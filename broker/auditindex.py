@@ -66,7 +66,12 @@ def digest(value: str) -> str:
 
 def day_of(ts: float) -> str:
     """The UTC day of ``ts`` as ``YYYY-MM-DD``."""
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    return _day(int(ts // DAY_S))
+
+
+@functools.lru_cache(maxsize=64)  # every record names its day; they change once a day
+def _day(day_number: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day_number * DAY_S))
 
 
 @functools.lru_cache(maxsize=65536)  # every record names a few; roles and subjects repeat

@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -767,26 +767,26 @@ class Verifier:
         jti = claims.get("jti")
         if jti is not None and not isinstance(jti, str):
             raise _fail("token_malformed", "the token's jti claim is not a string")
-        identity = WorkloadIdentity(
-            issuer_name=s.name,
-            issuer=s.issuer,
-            kind=s.kind,
-            subject=sub,
-            jti=jti,
-            issued_at=iat,
-            expires_at=exp,
-        )
+        base: dict[str, Any] = {
+            "issuer_name": s.name,
+            "issuer": s.issuer,
+            "kind": s.kind,
+            "subject": sub,
+            "jti": jti,
+            "issued_at": iat,
+            "expires_at": exp,
+        }
         if legacy:
             ns = _text(claims, _LEGACY + "namespace")
             sa = _text(claims, _LEGACY + "service-account.name")
             uid = _text(claims, _LEGACY + "service-account.uid")
             _require_sub(sub, ns, sa, "the legacy namespace / service-account.name claims")
-            return replace(
-                identity, namespace=ns, service_account=sa, service_account_uid=uid, legacy=True
+            return WorkloadIdentity(
+                **base, namespace=ns, service_account=sa, service_account_uid=uid, legacy=True
             )
         if s.kind == "oidc":
-            return identity
-        return _with_kubernetes_claims(identity, claims)
+            return WorkloadIdentity(**base)
+        return WorkloadIdentity(**base, **_kubernetes_claims(sub, claims))
 
     def _check_audience(
         self,
@@ -902,9 +902,8 @@ def _require_sub(sub: str, ns: str | None, sa: str | None, where: str) -> None:
         )
 
 
-def _with_kubernetes_claims(
-    identity: WorkloadIdentity, claims: Mapping[str, Any]
-) -> WorkloadIdentity:
+def _kubernetes_claims(subject: str, claims: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity's fields from the ``kubernetes.io`` claim of a projected token."""
     k8s = claims.get("kubernetes.io")
     if k8s is None:
         raise _fail("claims_missing", "the token has no kubernetes.io claim")
@@ -920,7 +919,7 @@ def _with_kubernetes_claims(
     if sa is None or sa_uid is None:
         missing = "name" if sa is None else "uid"
         raise _fail("claims_missing", f"the token lacks kubernetes.io.serviceaccount.{missing}")
-    _require_sub(identity.subject, ns, sa, "kubernetes.io.namespace")
+    _require_sub(subject, ns, sa, "kubernetes.io.namespace")
     # pod/node are there when the token is bound to one (not for TokenRequest on a bare SA).
     bound: dict[str, tuple[str, str | None]] = {}
     for kind in ("pod", "node"):
@@ -933,12 +932,11 @@ def _with_kubernetes_claims(
         bound[kind] = (name, _text(obj, "uid"))
     pod, pod_uid = bound.get("pod", (None, None))
     node = bound["node"][0] if "node" in bound else None
-    return replace(
-        identity,
-        namespace=ns,
-        service_account=sa,
-        service_account_uid=sa_uid,
-        pod=pod,
-        pod_uid=pod_uid,
-        node=node,
-    )
+    return {
+        "namespace": ns,
+        "service_account": sa,
+        "service_account_uid": sa_uid,
+        "pod": pod,
+        "pod_uid": pod_uid,
+        "node": node,
+    }
