@@ -144,8 +144,7 @@ class TokenExchange:
                         [self._cache.generation_holds(generation)],
                     )
                 except ConditionsFailed:
-                    if self._memo is not None:
-                        self._memo.clear()
+                    self._forget_memo()
                     cached, generation = self._read(key)  # counted already
             raise StoreUnavailable("the token cache is being purged; retry", retry_after=1)
         except BrokerError as exc:
@@ -241,8 +240,7 @@ class TokenExchange:
             )
         except ConditionsFailed as failed:
             if fresh in failed.failed:
-                if self._memo is not None:
-                    self._memo.clear()
+                self._forget_memo()
                 return None
             over = next(h for h in hits if h.condition in failed.failed)
             raise self._limiter.refused(over) from None
@@ -262,44 +260,57 @@ class TokenExchange:
         by_subject = self._limiter.queue(
             pipe, "subject", identity.principal, limits.per_subject_per_minute
         )
-        gen_at = self._cache.queue_generation(pipe)
-        at = self._cache.queue_get(pipe, key)
+        read = self._queue_read(pipe, key)
         try:
-            results = self._mux.run(pipe)
-        except redis.RedisError as exc:
+            results = self._run(pipe)
+        except StoreUnavailable:
             self._limiter.write_failed()
-            raise StoreUnavailable(
-                f"store unavailable ({type(exc).__name__})", retry_after=1
-            ) from exc
+            raise
         self._limiter.settle(by_ip, results)
         self._limiter.settle(by_subject, results)
-        return self._received(key, results[gen_at], results[at], lifetime_s)
+        return self._received(key, results, read, lifetime_s)
 
-    def _read(self, key: str, lifetime_s: int = 0) -> tuple[AccessToken | None, str]:
-        """The cache entry and the purge generation, read again (nothing counted)."""
+    def _read(self, key: str) -> tuple[AccessToken | None, str]:
+        """The cache entry and the purge generation, read again (nothing counted, nothing
+        memoised)."""
         pipe: Any = CommandRecorder()
-        gen_at = self._cache.queue_generation(pipe)
-        at = self._cache.queue_get(pipe, key)
+        read = self._queue_read(pipe, key)
+        return self._received(key, self._run(pipe), read, None)
+
+    def _queue_read(self, pipe: Any, key: str) -> tuple[int, int]:
+        """Queue the reads of the purge generation, then of ``key``'s entry (in that order: see
+        broker/tokenmemo.py); their reply positions."""
+        return self._cache.queue_generation(pipe), self._cache.queue_get(pipe, key)
+
+    def _run(self, pipe: Any) -> list[Any]:
+        """``pipe``'s replies, sharing the worker's round trip; :class:`StoreUnavailable`."""
         try:
-            results = self._mux.run(pipe)
+            return self._mux.run(pipe)
         except redis.RedisError as exc:
             raise StoreUnavailable(
                 f"store unavailable ({type(exc).__name__})", retry_after=1
             ) from exc
-        return self._received(key, results[gen_at], results[at], lifetime_s)
 
     def _received(
-        self, key: str, raw_generation: object, raw: object, lifetime_s: int
+        self, key: str, results: list[Any], read: tuple[int, int], lifetime_s: int | None
     ) -> tuple[AccessToken | None, str]:
+        """The token and the generation it was read under; the token is memoised when servable
+        and ``lifetime_s`` (its role's) is given."""
+        raw_generation, raw = results[read[0]], results[read[1]]
         token = self._cache.servable(key, raw)
         if raw_generation is None:
             # No generation yet (a new or flushed Redis): write one. Nothing is memoised under
             # "none", so a generation lost later cannot pass for the one read here.
             return token, self._cache.ensure_generation()
         generation = generation_of(raw_generation)
-        if token is not None and self._memo is not None and lifetime_s:
+        if token is not None and self._memo is not None and lifetime_s is not None:
             self._remember(key, token, generation, lifetime_s)
         return token, generation
+
+    def _forget_memo(self) -> None:
+        """A purge happened since the memoised tokens were read."""
+        if self._memo is not None:
+            self._memo.clear()
 
     def _remember(self, key: str, token: AccessToken, generation: str, lifetime_s: int) -> None:
         """Memoise ``token`` while it stays servable, and not past its refresh point (after it,

@@ -22,6 +22,12 @@ import redis
 from broker.groupcommit import GroupCommit, Ticket
 from broker.redisbatch import CommandRecorder
 
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py works without it
+    _hiredis_pack = None
+
 
 class Multiplexer:
     """Runs recorded commands, sharing one pipeline round trip among concurrent callers."""
@@ -113,10 +119,3 @@ def _pack(conn: Any, commands: list[tuple[Any, ...]]) -> Any:
     if _hiredis_pack is not None and type(conn) is redis.Connection:
         return [b"".join([_hiredis_pack(command) for command in commands])]
     return conn.pack_commands(commands)
-
-
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py works without it
-    _hiredis_pack = None

@@ -33,8 +33,8 @@ class MemoEntry:
     generation: str  # the cache generation it was read under ("" when none was ever written)
     until: float  # epoch seconds: served before this moment only
     # What every audit record of this token says about it, computed once.
-    access_token_sha256: str = ""
-    expires_at: str = ""
+    access_token_sha256: str
+    expires_at: str
 
 
 class TokenMemo:
