@@ -82,11 +82,9 @@ class RoleEffects:
     def on_reload(self, event: Reload) -> None:
         """Log, count, purge and audit one reload attempt of this worker."""
         RELOADS.labels(event.source, event.outcome, event.reason).inc()
-        if event.applied:
-            LOADED.set(self._clock())
-            if event.revision is not None:
-                REVISION.set(event.revision)
         purged = 0
+        if event.applied and event.after is None:
+            self._took_effect_at(event.revision)
         if event.applied and event.after is not None:
             diff = diff_tables(event.before, event.after)
             log.info(
@@ -99,6 +97,8 @@ class RoleEffects:
             for w in event.problems:
                 log.warning("roles: %s: %s", event.location, problem_text(w))
             purged = self.took_effect(event.before, event.after, request_id=new_request_id())
+            # Reported once the change has fully taken effect here, purge included.
+            self._took_effect_at(event.revision)
             if not self._audit_applied:
                 return
             details: dict[str, Any] = {"diff": diff.lines(), "purged": purged}
@@ -138,6 +138,11 @@ class RoleEffects:
     def loaded(self) -> None:
         """Note that this worker has a table in effect (at start, for a file)."""
         LOADED.set(self._clock())
+
+    def _took_effect_at(self, revision: int | None) -> None:
+        LOADED.set(self._clock())
+        if revision is not None:
+            REVISION.set(revision)
 
     # -- purges -------------------------------------------------------------------------------
 
