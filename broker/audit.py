@@ -37,12 +37,14 @@ import redis
 from broker.auditchain import (
     CHECKPOINT_EVENT,
     GENESIS,
+    canonical_json,
     chain_hash,
     checkpoint_message,
     is_checkpoint,
     record_id,
     rfc3339,
     sha256_hex,
+    with_field,
 )
 from broker.auditstore import AuditStore
 from broker.errors import StoreUnavailable
@@ -130,6 +132,22 @@ class ConditionsFailed(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Chained:
+    """Chained record bodies and their stored forms (the JSON written to Redis), in order."""
+
+    bodies: list[dict[str, Any]]
+    payloads: list[bytes]
+
+    def add(self, body: dict[str, Any], payload: bytes) -> None:
+        self.bodies.append(body)
+        self.payloads.append(payload)
+
+    def extend(self, other: _Chained) -> None:
+        self.bodies.extend(other.bodies)
+        self.payloads.extend(other.payloads)
+
+
+@dataclass(frozen=True, slots=True)
 class _Pending:
     body: dict[str, Any]
     conditions: tuple[Condition, ...] = ()
@@ -184,7 +202,7 @@ class AuditLog:
         self._prev = GENESIS
         self._unsealed = 0  # records since the last checkpoint
         self._unsealed_since: float | None = None
-        self._uncertain: list[dict[str, Any]] | None = None  # sent, not acknowledged
+        self._uncertain: _Chained | None = None  # sent, not acknowledged
         self._registered = False
         self._last_entry = (0, 0)  # the newest stream entry id this writer used or tried
 
@@ -237,8 +255,8 @@ class AuditLog:
         try:
             self._recover_locked([p.payload.body for p in batch])
             while pending:
-                bodies, conditions, owners = self._chain_batch(pending)
-                failed = self._store_locked(bodies, conditions)
+                chained, conditions, owners = self._chain_batch(pending)
+                failed = self._store_locked(chained, conditions)
                 if not failed:
                     break
                 refused: dict[int, list[Condition]] = {}
@@ -259,24 +277,24 @@ class AuditLog:
 
     def _chain_batch(
         self, batch: list[Ticket[_Pending]]
-    ) -> tuple[list[dict[str, Any]], list[Condition], list[int]]:
-        """The chained bodies of ``batch`` (checkpoints where due), its conditions, and for
+    ) -> tuple[_Chained, list[Condition], list[int]]:
+        """The chained records of ``batch`` (checkpoints where due), its conditions, and for
         each condition the position of the ticket it belongs to."""
-        bodies: list[dict[str, Any]] = []
+        chained = _Chained([], [])
         conditions: list[Condition] = []
         owners: list[int] = []
         seq, prev, unsealed = self._seq, self._prev, self._unsealed
         for i, p in enumerate(batch):
-            body = self._chain(p.payload.body, seq + 1, prev)
-            bodies.append(body)
+            body = p.payload.body
+            chained.add(body, self._chain(body, seq + 1, prev))
             conditions.extend(p.payload.conditions)
             owners.extend([i] * len(p.payload.conditions))
             seq, prev, unsealed = seq + 1, body["hash"], unsealed + 1
             if self._signer is not None and unsealed >= self._every:
-                cp = self._checkpoint_body(seq + 1, prev, final=False, records=unsealed)
-                bodies.append(cp)
-                seq, prev, unsealed = seq + 1, cp["hash"], 0
-        return bodies, conditions, owners
+                cp = self._checkpoint(seq + 1, prev, final=False, records=unsealed)
+                chained.extend(cp)
+                seq, prev, unsealed = seq + 1, cp.bodies[0]["hash"], 0
+        return chained, conditions, owners
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any] | None:
         """Seal the chain's head now; None when there is nothing to seal (or no signer).
@@ -290,25 +308,24 @@ class AuditLog:
             self._recover_locked([])
             if self._seq == 0 or (not final and self._unsealed == 0):
                 return None
-            body = self._checkpoint_body(
-                self._seq + 1, self._prev, final=final, records=self._unsealed
-            )
-            self._store_locked([body])
+            cp = self._checkpoint(self._seq + 1, self._prev, final=final, records=self._unsealed)
+            self._store_locked(cp)
             if final:
                 self._start_chain(new_writer_id())
-        return body
+        return cp.bodies[0]
 
-    def _chain(self, body: dict[str, Any], seq: int, prev: str) -> dict[str, Any]:
+    def _chain(self, body: dict[str, Any], seq: int, prev: str) -> bytes:
+        """Chain ``body`` at ``seq`` after ``prev`` (sets writer, seq, prev, hash); return its
+        stored form: the canonical JSON that was hashed, plus the hash (encoded once)."""
         body["writer"] = self.writer
         body["seq"] = seq
         body["prev"] = prev
         body["id"] = None
-        body["hash"] = chain_hash(body)
-        return body
+        canonical = canonical_json(body)
+        body["hash"] = digest = sha256_hex(canonical)
+        return with_field(canonical, "hash", digest)
 
-    def _checkpoint_body(
-        self, seq: int, prev: str, *, final: bool, records: int
-    ) -> dict[str, Any]:
+    def _checkpoint(self, seq: int, prev: str, *, final: bool, records: int) -> _Chained:
         """A signed checkpoint sealing ``prev`` (the head after ``records`` unsealed ones)."""
         signer = self._signer
         assert signer is not None
@@ -330,7 +347,8 @@ class AuditLog:
                 "records": records,
             },
         )
-        return self._chain(record.to_dict(), seq, prev)
+        body = record.to_dict()
+        return _Chained([body], [self._chain(body, seq, prev)])
 
     def _next_entry_id(self, now: float) -> str:
         """A stream entry id above every one this writer used: its clock in ms (held still if
@@ -341,18 +359,18 @@ class AuditLog:
         return f"{self._last_entry[0]}-{self._last_entry[1]}"
 
     def _store_locked(
-        self, bodies: list[dict[str, Any]], conditions: Sequence[Condition] = ()
+        self, chained: _Chained, conditions: Sequence[Condition] = ()
     ) -> tuple[int, ...]:
-        """Store ``bodies`` if ``conditions`` hold; return the failed ones' positions (then
+        """Store ``chained`` if ``conditions`` hold; return the failed ones' positions (then
         nothing was stored and the chain's head is unchanged)."""
         now = self._clock()
+        bodies = chained.bodies
         entry_ids = [self._next_entry_id(now) for _ in bodies]
         try:
             # One round trip, atomic: the records, their index entries and counters, the
             # sealed state when a checkpoint rides along, and the writer's registration.
             pipe: Any = CommandRecorder()  # redis-py command methods, recorded
-            for body, entry_id in zip(bodies, entry_ids, strict=True):
-                payload = orjson.dumps({k: v for k, v in body.items() if k != "id"})
+            for body, payload, entry_id in zip(bodies, chained.payloads, entry_ids, strict=True):
                 self.store.queue_append(pipe, self.writer, entry_id, payload, body, now)
             last_cp = next((b for b in reversed(bodies) if is_checkpoint(b)), None)
             if last_cp is not None:
@@ -364,7 +382,7 @@ class AuditLog:
             failed = self.store.run_batch(pipe, conditions)
         except redis.RedisError as exc:
             # Maybe stored, maybe not (a lost reply): the next append looks before chaining on.
-            self._uncertain = bodies
+            self._uncertain = chained
             self.store.indexer.forget()
             self._emit_many([dict(b, stored=False) for b in bodies])
             raise StoreUnavailable(
@@ -374,12 +392,13 @@ class AuditLog:
             self.store.indexer.forget()  # its expiries were not written: set them next time
             return failed
         self._registered = True
-        self._commit_locked(bodies, entry_ids)
+        self._commit_locked(chained, entry_ids)
         return ()
 
-    def _commit_locked(self, bodies: list[dict[str, Any]], entry_ids: list[str]) -> None:
-        for b, entry_id in zip(bodies, entry_ids, strict=True):
-            b["id"] = record_id(self.writer, entry_id)
+    def _commit_locked(self, chained: _Chained, entry_ids: list[str]) -> None:
+        lines = []
+        for b, payload, entry_id in zip(chained.bodies, chained.payloads, entry_ids, strict=True):
+            b["id"] = rid = record_id(self.writer, entry_id)
             self._seq, self._prev = b["seq"], b["hash"]
             if is_checkpoint(b):
                 self._unsealed, self._unsealed_since = 0, None
@@ -387,7 +406,8 @@ class AuditLog:
                 self._unsealed += 1
                 if self._unsealed_since is None:
                     self._unsealed_since = self._clock()
-        self._emit_many(bodies)
+            lines.append(b'{"audit":' + with_field(payload, "id", rid) + b"}\n")
+        self._write(b"".join(lines))
 
     def _recover_locked(self, pending: list[dict[str, Any]]) -> None:
         """After a failed store, learn whether Redis has the records after all (lost reply)."""
@@ -395,7 +415,7 @@ class AuditLog:
             return
         uncertain = self._uncertain
         try:
-            tail = self.store.tail(self.writer, len(uncertain))
+            tail = self.store.tail(self.writer, len(uncertain.bodies))
         except redis.RedisError as exc:
             self._emit_many([dict(b, writer=self.writer, stored=False) for b in pending])
             raise StoreUnavailable(
@@ -403,8 +423,9 @@ class AuditLog:
             ) from exc
         self._uncertain = None
         entries = list(reversed(tail))
-        if len(entries) == len(uncertain) and all(
-            rec.get("hash") == b["hash"] for (_, rec), b in zip(entries, uncertain, strict=True)
+        if len(entries) == len(uncertain.bodies) and all(
+            rec.get("hash") == b["hash"]
+            for (_, rec), b in zip(entries, uncertain.bodies, strict=True)
         ):
             self._registered = True  # the registration rode in the same transaction
             self._commit_locked(uncertain, [e for e, _ in entries])
@@ -487,9 +508,13 @@ class AuditLog:
 
     def _emit_many(self, bodies: list[dict[str, Any]]) -> None:
         """One JSON line per record on stdout, in one write (the witness outside Redis)."""
-        if not self._stdout or not bodies:
+        if bodies:
+            self._write(b"".join([b'{"audit":' + orjson.dumps(b) + b"}\n" for b in bodies]))
+
+    def _write(self, lines: bytes) -> None:
+        """Audit lines to stdout, in one write."""
+        if not self._stdout or not lines:
             return
-        lines = b"".join([b'{"audit":' + orjson.dumps(b) + b"}\n" for b in bodies])
         out = self._out or sys.stdout
         binary = getattr(out, "buffer", None)  # a real stdout takes the bytes as they are
         if binary is not None:

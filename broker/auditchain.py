@@ -31,10 +31,25 @@ def sha256_hex(value: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def canonical_json(record: dict[str, Any]) -> bytes:
+    """The canonical JSON of the record without ``hash``, ``id``, ``stored`` (sorted keys):
+    what :func:`chain_hash` hashes."""
+    body = {k: v for k, v in record.items() if k not in UNHASHED}
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
 def chain_hash(record: dict[str, Any]) -> str:
     """SHA-256 over the canonical JSON of the record without ``hash``, ``id``, ``stored``."""
-    body = {k: v for k, v in record.items() if k not in UNHASHED}
-    return sha256_hex(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return sha256_hex(canonical_json(record))
+
+
+def with_field(encoded: bytes, name: str, value: Any) -> bytes:
+    """``encoded`` (a JSON object with at least one field, as orjson writes it) with one more
+    field at its end: a record's stored form is its canonical JSON plus ``hash``, written
+    without encoding the record a second time."""
+    if not encoded.endswith(b"}") or encoded == b"{}":
+        raise ValueError("not a non-empty JSON object")
+    return b"%s,%s:%s}" % (encoded[:-1], orjson.dumps(name), orjson.dumps(value))
 
 
 def checkpoint_message(

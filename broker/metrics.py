@@ -17,9 +17,25 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# In multiprocess mode every sample write first asks for the process id, to notice a fork; glibc
+# no longer caches getpid, so that is a system call per write (three per token request). The
+# id is kept here instead, refreshed in every forked child (prometheus_client's documented
+# ``process_identifier`` hook: it must differ between processes, which this does).
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
+def _process_id() -> int:
+    return _PID[0]
+
+
+if getattr(values.ValueClass, "_multiprocess", False):  # chosen from the environment at import
+    values.ValueClass = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
 
 REQUESTS = Counter(
     "token_broker_token_requests_total",

@@ -41,6 +41,7 @@ SCRIPT = """
 local g = tonumber(ARGV[1])
 local failed = {}
 local seen = {}
+local values = {}
 local i = 2
 for c = 1, g do
   local op, key, arg = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -53,7 +54,9 @@ for c = 1, g do
     counts[arg] = n
     if n > tonumber(ARGV[i + 3]) then failed[#failed + 1] = c end
   elseif op == 'equals' then
-    if (redis.call('GET', key) or '') ~= arg then failed[#failed + 1] = c end
+    local value = values[key]
+    if value == nil then value = redis.call('GET', key) or ''; values[key] = value end
+    if value ~= arg then failed[#failed + 1] = c end
   else
     return redis.error_reply('unknown condition ' .. tostring(op))
   end

@@ -7,6 +7,7 @@ import json
 import time
 
 import fakeredis
+import orjson
 import pytest
 import redis
 
@@ -19,7 +20,12 @@ from broker.audit import (
     rfc3339,
     sha256_hex,
 )
-from broker.auditchain import CHECKPOINT_EVENT, checkpoint_message_of
+from broker.auditchain import (
+    CHECKPOINT_EVENT,
+    canonical_json,
+    checkpoint_message_of,
+    with_field,
+)
 from broker.auditstore import LiveVerifier
 from broker.errors import StoreUnavailable
 from broker.redisbatch import Condition
@@ -87,6 +93,29 @@ def test_append_chains_records(log):
     assert [r["request_id"] for r in log.recent()] == ["b", "a"]
     assert [x["request_id"] for x in stdout_records(log)] == ["a", "b"]
     assert [x["id"] for x in stdout_records(log)] == [first["id"], second["id"]]
+
+
+def test_stored_and_witnessed_forms_are_the_record(log):
+    """The record is encoded once (canonical JSON plus hash); Redis and stdout get exactly
+    the record that append returned."""
+    stored = log.append(rec(request_id="a", scopes=("s1", "s2"), user_agent='q"\\ü'))
+    as_json = orjson.loads(orjson.dumps(stored))  # scopes: a tuple in, a JSON list out
+    [(_, in_redis)] = log.store.tail("w1", 1)
+    assert in_redis == as_json
+    assert stdout_records(log)[-1] == as_json
+    assert chain_hash(in_redis) == stored["hash"]
+
+
+def test_with_field_appends_to_a_json_object():
+    encoded = orjson.dumps({"a": 1, "b": "x"}, option=orjson.OPT_SORT_KEYS)
+    assert orjson.loads(with_field(encoded, "hash", 'h"1')) == {"a": 1, "b": "x", "hash": 'h"1'}
+    assert canonical_json({"b": 1, "a": 2, "id": "x", "hash": "h", "stored": False}) == (
+        b'{"a":2,"b":1}'
+    )
+    with pytest.raises(ValueError):
+        with_field(b"{}", "hash", "h")
+    with pytest.raises(ValueError):
+        with_field(b"[1]", "hash", "h")
 
 
 def test_chain_keys_share_a_hash_tag_and_writer_is_registered(log):

@@ -29,3 +29,21 @@ def test_requests_counted_by_decision_and_reason(broker):
     assert delta(("issued", "miss")) == 1
     assert delta(("issued", "hit")) == 1
     assert delta(("denied", "token_malformed")) == 1
+
+
+def test_process_id_is_each_forked_process_own(tmp_path):
+    """The cached id prometheus_client's multiprocess files are named by follows every fork
+    (a child that kept its parent's id would write into the parent's file)."""
+    import os
+
+    from broker import metrics
+
+    assert metrics._process_id() == os.getpid()
+    out = tmp_path / "child"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        out.write_text(f"{metrics._process_id()} {os.getpid()}")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    seen, actual = out.read_text().split()
+    assert seen == actual != str(os.getpid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import unquote
 
 import orjson
@@ -84,8 +85,22 @@ def _form_pairs(text: str) -> list[tuple[str, str]]:
         if field:
             name, _, value = field.partition("=")
             if "%" in name or "+" in name:
-                name = unquote(name.replace("+", " "))
+                name = _unquote(name)
             if "%" in value or "+" in value:
-                value = unquote(value.replace("+", " "))
+                value = _unquote(value)
             pairs.append((name, value))
     return pairs
+
+
+def _unquote_plus(text: str) -> str:
+    return unquote(text.replace("+", " "))
+
+
+# Names and short values (grant_type, subject_token_type, audience) repeat from request to
+# request: each is unquoted once. Bounded in count and size, so callers cannot grow it.
+_MEMO_CHARS = 256
+_unquote_short = functools.lru_cache(maxsize=256)(_unquote_plus)
+
+
+def _unquote(text: str) -> str:
+    return _unquote_short(text) if len(text) <= _MEMO_CHARS else _unquote_plus(text)
