@@ -49,7 +49,7 @@ def with_field(encoded: bytes, name: str, value: Any) -> bytes:
     without encoding the record a second time."""
     if not encoded.endswith(b"}") or encoded == b"{}":
         raise ValueError("not a non-empty JSON object")
-    return b"%s,%s:%s}" % (encoded[:-1], orjson.dumps(name), orjson.dumps(value))
+    return b"".join((encoded[:-1], b",", orjson.dumps(name), b":", orjson.dumps(value), b"}"))
 
 
 def checkpoint_message(
