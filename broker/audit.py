@@ -406,7 +406,8 @@ class AuditLog:
                 self._unsealed += 1
                 if self._unsealed_since is None:
                     self._unsealed_since = self._clock()
-            lines.append(b'{"audit":' + with_field(payload, "id", rid) + b"}\n")
+            if self._stdout:
+                lines.append(b'{"audit":' + with_field(payload, "id", rid) + b"}\n")
         self._write(b"".join(lines))
 
     def _recover_locked(self, pending: list[dict[str, Any]]) -> None:

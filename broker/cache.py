@@ -56,7 +56,6 @@ _INDEX_TTL_S = 13 * 3600
 
 
 @functools.lru_cache(maxsize=4096)  # pure; roles are few and every hit computes it
-@functools.lru_cache(maxsize=1024)  # one per role in use: computed once, not per request
 def cache_key(role_name: str, request: MintRequest) -> str:
     """SHA-256 hex of a canonical encoding of everything that makes two tokens interchangeable.
 

@@ -48,7 +48,8 @@ class BrokerServer(BaseApplication):  # type: ignore[misc]
 def _worker_ready(_worker: Any) -> None:
     # What the worker built at start (app, settings, keys, imported modules) lives as long as
     # it does: move it out of the collector's generations, so full collections under load walk
-    # only the objects requests create.
+    # only the objects requests create (start-up garbage is collected first, not frozen).
+    gc.collect()
     gc.freeze()
 
 

@@ -42,8 +42,30 @@ def test_process_id_is_each_forked_process_own(tmp_path):
     out = tmp_path / "child"
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        out.write_text(f"{metrics._process_id()} {os.getpid()}")
-        os._exit(0)
+        try:
+            out.write_text(f"{metrics._process_id()} {os.getpid()}")
+        finally:
+            os._exit(0)
     os.waitpid(pid, 0)
     seen, actual = out.read_text().split()
     assert seen == actual != str(os.getpid())
+
+
+def test_multiprocess_samples_use_the_cached_process_id(tmp_path):
+    """Under gunicorn (PROMETHEUS_MULTIPROC_DIR set before the first import), every metric
+    value is of the class built on the cached id, and samples land in this process's file."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from prometheus_client import values\n"
+        "from broker import metrics, roles_effects\n"
+        "assert isinstance(roles_effects.REVISION._value, values.ValueClass)\n"
+        "metrics._PID[0] = 4242  # what a fork would set: the files follow it\n"
+        "metrics.observe('issued', 'hit', 0.01)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert (tmp_path / "counter_4242.db").exists()
+    assert (tmp_path / "histogram_4242.db").exists()

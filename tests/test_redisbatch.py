@@ -99,6 +99,19 @@ def test_equals_holds_for_the_current_value_and_an_absent_key_is_empty():
     assert client.lrange("log", 0, -1) == [b"a", b"c"]
 
 
+def test_equals_on_one_key_many_times_in_a_batch_each_judged_on_its_value():
+    """The script reads each key once per batch (nothing is written before every condition is
+    checked); each condition still compares its own value."""
+    client = fakeredis.FakeRedis()
+    client.set("gen", "g1")
+    same = [Condition.equals("gen", "g1"), Condition.equals("gen", "g0"),
+            Condition.equals("gen", "g1"), Condition.equals("none", ""),
+            Condition.equals("none", "")]
+    assert run_atomically(client, _batch("a"), conditions=same) == (1,)
+    assert run_atomically(client, _batch("b"), conditions=[same[0], same[2], same[3]]) == ()
+    assert client.lrange("log", 0, -1) == [b"b"]
+
+
 def test_conditions_travel_through_a_runner():
     client = fakeredis.FakeRedis()
     client.set("gen", "g1")

@@ -87,7 +87,7 @@ def _form_pairs(text: str) -> list[tuple[str, str]]:
             if "%" in name or "+" in name:
                 name = _unquote(name)
             if "%" in value or "+" in value:
-                value = _unquote(value)
+                value = _unquote(value) if name in _VOCABULARY else _unquote_plus(value)
             pairs.append((name, value))
     return pairs
 
@@ -96,8 +96,12 @@ def _unquote_plus(text: str) -> str:
     return unquote(text.replace("+", " "))
 
 
-# Names and short values (grant_type, subject_token_type, audience) repeat from request to
-# request: each is unquoted once. Bounded in count and size, so callers cannot grow it.
+# Field names and the values of these fields (URNs, role names) repeat from request to request:
+# each is unquoted once. Never a token (nothing secret is kept), and bounded in count and size.
+_VOCABULARY = frozenset(
+    {"grant_type", "subject_token_type", "actor_token_type", "requested_token_type",
+     "audience", "scope", "resource"}
+)
 _MEMO_CHARS = 256
 _unquote_short = functools.lru_cache(maxsize=256)(_unquote_plus)
 
