@@ -58,6 +58,7 @@ __all__ = [
     "AuditRecord",
     "ConditionsFailed",
     "chain_hash",
+    "record_body",
     "rfc3339",
     "sha256_hex",
 ]
@@ -115,6 +116,25 @@ class AuditRecord:
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
 _ALL_FIELDS = operator.attrgetter(*_RECORD_FIELDS)  # one C call for every field
+_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(AuditRecord)
+    if f.default is not dataclasses.MISSING
+}
+_FIELD_NAMES = frozenset(_RECORD_FIELDS)
+_REQUIRED = _FIELD_NAMES - _DEFAULTS.keys()
+
+
+def record_body(**values: Any) -> dict[str, Any]:
+    """``AuditRecord(**values).to_dict()`` without building the frozen record: the issue path
+    writes one per request. The same names are accepted and required (TypeError otherwise)."""
+    names = values.keys()
+    if not names <= _FIELD_NAMES or not names >= _REQUIRED:
+        unknown, missing = sorted(names - _FIELD_NAMES), sorted(_REQUIRED - names)
+        raise TypeError(f"audit record fields: unknown {unknown}, missing {missing}")
+    body = _DEFAULTS.copy()
+    body.update(values)
+    return body
 
 
 def new_writer_id() -> str:
@@ -213,9 +233,12 @@ class AuditLog:
     # -- appending -----------------------------------------------------------------------------
 
     def append(
-        self, record: AuditRecord, conditions: Sequence[Condition] = ()
+        self, record: AuditRecord | dict[str, Any], conditions: Sequence[Condition] = ()
     ) -> dict[str, Any]:
         """Store ``record`` (chained) in Redis and echo it on stdout; return what was stored.
+
+        ``record`` is an :class:`AuditRecord`, or a body from :func:`record_body` (which the
+        log then owns: it is chained in place and returned).
 
         Group commit: concurrent appends of this process wait for one transaction that carries
         all their records. Whoever finds no commit under way leads: it takes every queued
@@ -230,7 +253,8 @@ class AuditLog:
         Raises :class:`StoreUnavailable` when Redis cannot take it; the record still goes to
         stdout with ``stored: false`` so it is not lost.
         """
-        ticket = self._commits.submit(_Pending(record.to_dict(), tuple(conditions)))
+        body = record.to_dict() if isinstance(record, AuditRecord) else record
+        ticket = self._commits.submit(_Pending(body, tuple(conditions)))
         if isinstance(ticket.error, ConditionsFailed):
             raise ticket.error
         if ticket.error is not None:

@@ -11,7 +11,14 @@ from typing import Any
 import redis
 
 from broker import metrics
-from broker.audit import AuditLog, AuditRecord, ConditionsFailed, rfc3339, sha256_hex
+from broker.audit import (
+    AuditLog,
+    AuditRecord,
+    ConditionsFailed,
+    record_body,
+    rfc3339,
+    sha256_hex,
+)
 from broker.cache import TokenCache, cache_key, generation_of
 from broker.circuit import Bulkhead
 from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
@@ -187,7 +194,7 @@ class TokenExchange:
         """
         if self._refresher is not None:
             self._refresher.touch(key, role.name, mint_request, token)
-        record = self._record(
+        fields = self._record_fields(
             ctx,
             raw_token,
             identity,
@@ -201,6 +208,7 @@ class TokenExchange:
             cache="hit" if hit else "miss",
             access_token_sha256=memo.access_token_sha256 if memo else sha256_hex(token.token),
         )
+        record = record_body(**fields)  # the record's dict, without the frozen object
         # Fail closed: the token leaves only once its record is stored.
         stored = self._audit.append(record, conditions)
         metrics.observe("issued", "hit" if hit else "miss", time.perf_counter() - ctx.started)
@@ -367,8 +375,10 @@ class TokenExchange:
     ) -> None:
         decision = "denied" if exc.status < 500 else "error"
         metrics.observe(decision, exc.reason, time.perf_counter() - ctx.started)
-        record = self._record(
-            ctx, raw_token, identity, decision=decision, reason=exc.reason, role=role_name
+        record = AuditRecord(
+            **self._record_fields(
+                ctx, raw_token, identity, decision=decision, reason=exc.reason, role=role_name
+            )
         )
         if decision == "denied":
             fold_key = (ctx.client_ip or "", exc.reason, record.subject_token_sha256 or "")
@@ -379,7 +389,7 @@ class TokenExchange:
         with contextlib.suppress(StoreUnavailable):
             self._audit.append(record)
 
-    def _record(
+    def _record_fields(
         self,
         ctx: RequestContext,
         raw_token: str,
@@ -388,7 +398,9 @@ class TokenExchange:
         decision: str,
         reason: str,
         **fields: Any,
-    ) -> AuditRecord:
+    ) -> dict[str, Any]:
+        """The fields of this request's audit record (for :class:`AuditRecord` or
+        :func:`~broker.audit.record_body`)."""
         claims: dict[str, Any]
         if identity is not None:
             claims = {
@@ -404,7 +416,7 @@ class TokenExchange:
             }
         else:
             claims = {"subject_verified": False, **_unverified(raw_token)}
-        return AuditRecord(
+        claims.update(
             time=rfc3339(self._clock()),
             request_id=ctx.request_id,
             event="token.exchange",
@@ -414,9 +426,9 @@ class TokenExchange:
             client_ip=ctx.client_ip,
             user_agent=(ctx.user_agent or "")[:256] or None,
             latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
-            **claims,
             **fields,
         )
+        return claims
 
 
 _CLAIM_FIELDS = {

@@ -17,6 +17,7 @@ from broker.audit import (
     AuditRecord,
     ConditionsFailed,
     chain_hash,
+    record_body,
     rfc3339,
     sha256_hex,
 )
@@ -104,6 +105,24 @@ def test_stored_and_witnessed_forms_are_the_record(log):
     assert in_redis == as_json
     assert stdout_records(log)[-1] == as_json
     assert chain_hash(in_redis) == stored["hash"]
+
+
+def test_record_body_is_the_records_dict():
+    fields = dict(time="t", request_id="r", event="token.exchange", decision="issued",
+                  reason="issued", role="x", scopes=("s",), latency_ms=1.5)
+    assert record_body(**fields) == AuditRecord(**fields).to_dict()
+    with pytest.raises(TypeError, match=r"unknown \['token'\], missing \[\]"):
+        record_body(**fields, token="secret")
+    with pytest.raises(TypeError, match=r"missing \['reason'\]"):
+        record_body(**{k: v for k, v in fields.items() if k != "reason"})
+
+
+def test_append_takes_a_record_body(log):
+    stored = log.append(record_body(time="t", request_id="b1", event="token.exchange",
+                                    decision="issued", reason="issued"))
+    assert stored["seq"] == 1 and stored["request_id"] == "b1"
+    assert chain_hash(stored) == stored["hash"]
+    assert stdout_records(log)[-1]["request_id"] == "b1"
 
 
 def test_with_field_appends_to_a_json_object():
