@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import redis
-from flask import Flask, Response, g
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from broker.access import AccessControl
@@ -257,7 +257,7 @@ def _start_fold_flusher(audit: AuditLog) -> None:
 
 def _register_error_handlers(app: Flask) -> None:
     """The one place where errors become HTTP responses."""
-    from broker.http import error_json
+    from broker.http import error_json, request_id
 
     @app.errorhandler(BrokerError)
     def _broker_error(exc: BrokerError) -> Response:
@@ -274,7 +274,7 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error handling request %s", g.get("request_id", "-"))
+        log.exception("unexpected error handling request %s", request_id())
         return error_json(BrokerError("internal error; see the broker's log"))
 
 

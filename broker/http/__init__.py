@@ -10,12 +10,13 @@ import orjson
 from flask import Response, current_app, g, request
 
 from broker.errors import BrokerError
+from broker.exchange import RequestContext
 from broker.protocol import NO_STORE_HEADERS, error_response
+from broker.ratelimit import client_ip
 
 if TYPE_CHECKING:
     from broker.access import Caller, Permission
     from broker.app import Broker
-    from broker.exchange import RequestContext
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -36,31 +37,37 @@ def error_json(exc: BrokerError) -> Response:
     return json_response(error_response(exc, request_id()), exc.status, headers)
 
 
-def request_id() -> str:
-    """This request's id (also sent as ``X-Request-Id`` and stored in audit records)."""
-    rid = g.get("request_id")
+REQUEST_ID_KEY = "token_broker.request_id"  # where a request keeps its id: its WSGI environ
+
+
+def request_id(environ: dict[str, Any] | None = None) -> str:
+    """This request's id (also sent as ``X-Request-Id`` and stored in audit records).
+    ``environ``: the request's WSGI environ, when the caller has it at hand."""
+    if environ is None:
+        environ = request.environ
+    rid = environ.get(REQUEST_ID_KEY)
     if rid is None:
         # A correlation id, not a secret: Python's PRNG (reseeded in each forked worker) needs
         # no system call, where secrets.token_hex makes one (dropping the GIL) per request.
-        rid = f"{random.getrandbits(64):016x}"
-        g.request_id = rid
+        rid = environ[REQUEST_ID_KEY] = f"{random.getrandbits(64):016x}"
     return str(rid)
 
 
-def request_context() -> RequestContext:
-    """Who is calling, from the transport's point of view (client IP behind trusted proxies)."""
-    from broker.exchange import RequestContext
-    from broker.ratelimit import client_ip
-
+def request_context(
+    environ: dict[str, Any] | None = None, b: Broker | None = None
+) -> RequestContext:
+    """Who is calling, from the transport's point of view (client IP behind trusted proxies).
+    ``environ`` and ``b``: the request's WSGI environ and :func:`broker`, when at hand."""
     # Straight from the WSGI environ: the same values as request.remote_addr / request.headers,
     # without building werkzeug's header view on the hot path.
-    environ = request.environ
+    if environ is None:
+        environ = request.environ
     return RequestContext(
-        request_id=request_id(),
+        request_id=request_id(environ),
         client_ip=client_ip(
             environ.get("REMOTE_ADDR"),
             environ.get("HTTP_X_FORWARDED_FOR"),
-            broker().settings.server.trusted_proxies,
+            (b or broker()).settings.server.trusted_proxies,
         ),
         user_agent=environ.get("HTTP_USER_AGENT"),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 from urllib.parse import unquote
 
 import orjson
@@ -15,14 +16,16 @@ from broker.protocol import NO_STORE_HEADERS, params_from_json, params_from_pair
 
 bp = Blueprint("token", __name__)
 MAX_FIELDS = 64  # a token request has fewer than ten
+_PLAIN_TYPES = frozenset({"application/x-www-form-urlencoded", "application/json"})
 
 
 @bp.post("/v1/token")
 def token() -> Response:
     b = broker()
-    ctx = request_context()
+    environ = request.environ
+    ctx = request_context(environ, b)
     try:
-        params = _token_params()
+        params = _token_params(environ, b.settings.server.max_request_bytes)
     except BrokerError as exc:
         final = b.exchange.refuse(exc, ctx)
         if final is exc:
@@ -32,14 +35,17 @@ def token() -> Response:
     return json_response(result.body, 200, dict(NO_STORE_HEADERS))
 
 
-def _token_params() -> dict[str, list[str]]:
-    mimetype = request.mimetype
+def _token_params(environ: dict[str, Any], limit: int) -> dict[str, list[str]]:
+    # The usual Content-Type as sent; anything else (parameters, case) as werkzeug parses it.
+    mimetype = environ.get("CONTENT_TYPE")
+    if mimetype not in _PLAIN_TYPES:
+        mimetype = request.mimetype
     try:
         if mimetype == "application/x-www-form-urlencoded":
             # Parsed straight from the body: the same result as request.form, without building
             # werkzeug's form machinery on the hot path.
             try:
-                text = _body().decode("utf-8")
+                text = _body(environ, limit).decode("utf-8")
                 pairs = _form_pairs(text)
             except (UnicodeDecodeError, ValueError) as exc:
                 raise InvalidRequest(
@@ -49,29 +55,40 @@ def _token_params() -> dict[str, list[str]]:
             return params_from_pairs(pairs)
         if mimetype == "application/json":
             try:
-                return params_from_json(orjson.loads(_body()))
+                return params_from_json(orjson.loads(_body(environ, limit)))
             except orjson.JSONDecodeError as exc:
                 raise InvalidRequest("body is not valid JSON", reason="malformed_body") from exc
     except RequestEntityTooLarge as exc:
-        raise RequestTooLarge(
-            f"request body is larger than {request.max_content_length} bytes"
-        ) from exc
+        raise RequestTooLarge(f"request body is larger than {limit} bytes") from exc
     raise InvalidRequest(
         "Content-Type must be application/x-www-form-urlencoded or application/json",
         reason="unsupported_content_type",
     )
 
 
-def _body() -> bytes:
-    """The request body, bounded by MAX_CONTENT_LENGTH (413). Read straight from the WSGI input
-    when its length is declared (werkzeug's stream wrappers cost more than the read itself)."""
-    length = request.content_length
-    if length is None:  # chunked: werkzeug bounds the stream as it reads
-        return request.get_data(cache=False)
-    limit = request.max_content_length
-    if limit is not None and length > limit:
+def _body(environ: dict[str, Any], limit: int) -> bytes:
+    """The request body, bounded by ``limit`` (the app's MAX_CONTENT_LENGTH; 413). Read straight
+    from the WSGI input when its length is declared as plain digits (werkzeug's stream wrappers
+    and header parsing cost more than the read itself)."""
+    declared = environ.get("CONTENT_LENGTH", "")
+    if declared.isdigit() and "HTTP_TRANSFER_ENCODING" not in environ:
+        length = int(declared)
+    else:
+        # Chunked, absent or odd: as werkzeug reads it (an unreadable length reads as 0).
+        streamed = request.content_length
+        if streamed is None:
+            # No length: read a stream the server terminates (gunicorn does), one byte past
+            # the limit to tell "too large" (werkzeug's bounded stream would cut it silently).
+            if not environ.get("wsgi.input_terminated"):
+                return b""  # werkzeug's safe fallback: an endless stream is not read
+            data: bytes = environ["wsgi.input"].read(limit + 1)
+            if len(data) > limit:
+                raise RequestEntityTooLarge()
+            return data
+        length = streamed
+    if length > limit:
         raise RequestEntityTooLarge()
-    return request.environ["wsgi.input"].read(length) if length else b""
+    return environ["wsgi.input"].read(length) if length else b""
 
 
 def _form_pairs(text: str) -> list[tuple[str, str]]:
