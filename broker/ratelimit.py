@@ -229,15 +229,23 @@ def _digest(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=16)  # the configured list: parsed once, not per request
+def _networks(trusted: tuple[str, ...]) -> tuple[_Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in trusted)
+
+
 def client_ip(
     remote_addr: str | None, forwarded_for: str | None, trusted: Sequence[str]
 ) -> str | None:
     """The caller's address: walk X-Forwarded-For from the right while hops are trusted proxies."""
     if not remote_addr:
         return None
-    nets = [ipaddress.ip_network(c, strict=False) for c in trusted]
-    if not nets or not forwarded_for:
+    if not trusted or not forwarded_for:
         return remote_addr
+    nets = _networks(tuple(trusted))
 
     def is_trusted(addr: str) -> bool:
         try:
