@@ -121,8 +121,11 @@ _DEFAULTS = {
     for f in dataclasses.fields(AuditRecord)
     if f.default is not dataclasses.MISSING
 }
+assert all(f.default_factory is dataclasses.MISSING for f in dataclasses.fields(AuditRecord))
 _FIELD_NAMES = frozenset(_RECORD_FIELDS)
 _REQUIRED = _FIELD_NAMES - _DEFAULTS.keys()
+# Every field in the record's own order (required ones filled in by record_body).
+_TEMPLATE = {name: _DEFAULTS.get(name) for name in _RECORD_FIELDS}
 
 
 def record_body(**values: Any) -> dict[str, Any]:
@@ -132,7 +135,7 @@ def record_body(**values: Any) -> dict[str, Any]:
     if not names <= _FIELD_NAMES or not names >= _REQUIRED:
         unknown, missing = sorted(names - _FIELD_NAMES), sorted(_REQUIRED - names)
         raise TypeError(f"audit record fields: unknown {unknown}, missing {missing}")
-    body = _DEFAULTS.copy()
+    body = _TEMPLATE.copy()
     body.update(values)
     return body
 

@@ -416,6 +416,8 @@ class TokenExchange:
             }
         else:
             claims = {"subject_verified": False, **_unverified(raw_token)}
+        if not claims.keys().isdisjoint(fields):
+            raise TypeError(f"audit fields given twice: {sorted(claims.keys() & fields.keys())}")
         claims.update(
             time=rfc3339(self._clock()),
             request_id=ctx.request_id,

@@ -111,6 +111,7 @@ def test_record_body_is_the_records_dict():
     fields = dict(time="t", request_id="r", event="token.exchange", decision="issued",
                   reason="issued", role="x", scopes=("s",), latency_ms=1.5)
     assert record_body(**fields) == AuditRecord(**fields).to_dict()
+    assert list(record_body(**fields)) == list(AuditRecord(**fields).to_dict())  # same order
     with pytest.raises(TypeError, match=r"unknown \['token'\], missing \[\]"):
         record_body(**fields, token="secret")
     with pytest.raises(TypeError, match=r"missing \['reason'\]"):

@@ -98,3 +98,57 @@ def test_odd_content_length_is_werkzeugs_reading(broker, length):
     )
     assert resp.status_code == 400
     assert resp.get_json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "9" * 5000])
+@pytest.mark.parametrize("kind", ["form", "json"])
+def test_unreadable_content_length_is_never_a_500(broker, length, kind):
+    """Digits int() refuses (a superscript, more than 4300 of them) read as werkzeug reads
+    them: length 0, so an empty body and a clear 400."""
+    content_type = FORM if kind == "form" else "application/json"
+    resp = broker.client.post(
+        "/v1/token", data=b"{}", headers={"Content-Type": content_type},
+        environ_overrides={"CONTENT_LENGTH": length},
+    )
+    assert resp.status_code == 400
+    assert resp.get_json()["error"] == "invalid_request"
+
+
+def test_chunked_body_exactly_at_the_limit_is_read(broker):
+    form = urlencode(exchange_form(broker.issuer.token())).encode() + b"&pad="
+    limit = broker.app.config["MAX_CONTENT_LENGTH"]
+    body = form + b"x" * (limit - len(form))
+    resp = broker.client.post(
+        "/v1/token", input_stream=io.BytesIO(body),
+        headers={"Content-Type": FORM, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert len(body) == limit and resp.status_code == 200, resp.get_json()
+
+
+def test_chunked_body_of_a_server_that_does_not_terminate_streams_is_not_read(broker):
+    body = urlencode(exchange_form(broker.issuer.token())).encode()
+    resp = broker.client.post(
+        "/v1/token", input_stream=io.BytesIO(body),
+        headers={"Content-Type": FORM, "Transfer-Encoding": "chunked"},
+    )
+    assert resp.status_code == 400  # an empty body, as werkzeug's safe fallback reads it
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("get", "/nope", 404), ("get", "/v1/token", 405)]
+)
+def test_request_id_in_header_and_body_match_on_errors_before_the_view(broker, method, path,
+                                                                       status):
+    resp = getattr(broker.client, method)(path)
+    assert resp.status_code == status
+    assert resp.headers["X-Request-Id"] == resp.get_json()["request_id"]
+
+
+def test_request_id_in_header_and_body_match_on_413(broker):
+    resp = broker.client.post(
+        "/v1/token", data=b"x", headers={"Content-Type": FORM},
+        environ_overrides={"CONTENT_LENGTH": "9" * 12},
+    )
+    assert resp.status_code == 413
+    assert resp.headers["X-Request-Id"] == resp.get_json()["request_id"]

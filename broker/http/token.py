@@ -71,7 +71,12 @@ def _body(environ: dict[str, Any], limit: int) -> bytes:
     from the WSGI input when its length is declared as plain digits (werkzeug's stream wrappers
     and header parsing cost more than the read itself)."""
     declared = environ.get("CONTENT_LENGTH", "")
-    if declared.isdigit() and "HTTP_TRANSFER_ENCODING" not in environ:
+    if (
+        declared.isascii()  # isdigit alone admits "²", which int() refuses
+        and declared.isdigit()
+        and len(declared) <= 18
+        and "HTTP_TRANSFER_ENCODING" not in environ
+    ):
         length = int(declared)
     else:
         # Chunked, absent or odd: as werkzeug reads it (an unreadable length reads as 0).
@@ -79,7 +84,7 @@ def _body(environ: dict[str, Any], limit: int) -> bytes:
         if streamed is None:
             # No length: read a stream the server terminates (gunicorn does), one byte past
             # the limit to tell "too large" (werkzeug's bounded stream would cut it silently).
-            if not environ.get("wsgi.input_terminated"):
+            if "wsgi.input_terminated" not in environ:
                 return b""  # werkzeug's safe fallback: an endless stream is not read
             data: bytes = environ["wsgi.input"].read(limit + 1)
             if len(data) > limit:
