@@ -434,7 +434,7 @@ class AuditLog:
                 if self._unsealed_since is None:
                     self._unsealed_since = self._clock()
             if self._stdout:
-                lines.append(b'{"audit":' + with_field(payload, "id", rid) + b"}\n")
+                lines.append(_stdout_line(with_field(payload, "id", rid)))
         self._write(b"".join(lines))
 
     def _recover_locked(self, pending: list[dict[str, Any]]) -> None:
@@ -537,7 +537,7 @@ class AuditLog:
     def _emit_many(self, bodies: list[dict[str, Any]]) -> None:
         """One JSON line per record on stdout, in one write (the witness outside Redis)."""
         if bodies:
-            self._write(b"".join([b'{"audit":' + orjson.dumps(b) + b"}\n" for b in bodies]))
+            self._write(b"".join([_stdout_line(orjson.dumps(b)) for b in bodies]))
 
     def _write(self, lines: bytes) -> None:
         """Audit lines to stdout, in one write."""
@@ -563,6 +563,11 @@ class AuditLog:
             if cursor is None:
                 break
         return out[:count]
+
+
+def _stdout_line(record: bytes) -> bytes:
+    """A record's line on stdout, given its JSON: ``{"audit": <record>}``."""
+    return b'{"audit":' + record + b"}\n"
 
 
 def _sealed(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -254,7 +254,7 @@ class TokenCache:
         could not be asked (the caller's own write will fail too)."""
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.set(self.generation_key, secrets.token_hex(16), nx=True)
+            pipe.set(self.generation_key, _new_generation(), nx=True)
             pipe.get(self.generation_key)
             return generation_of(pipe.execute()[1])
         except redis.RedisError as exc:
@@ -348,7 +348,7 @@ class TokenCache:
             pipe = self._redis.pipeline(transaction=False)
             for name in names:
                 pipe.delete(name)
-            pipe.set(self.generation_key, secrets.token_hex(16))
+            pipe.set(self.generation_key, _new_generation())
             return pipe.execute()[:-1]
 
         return sum(int(n) for n in self._call(run))
@@ -620,6 +620,11 @@ class TokenCache:
         if not isinstance(token, str) or not isinstance(expires_at, int | float):
             raise _Undecryptable("malformed plaintext")
         return AccessToken(token=token, expires_at=float(expires_at))
+
+
+def _new_generation() -> str:
+    """A fresh purge generation: random, so a restarted or flushed Redis never repeats one."""
+    return secrets.token_hex(16)
 
 
 def generation_of(raw: object) -> str:

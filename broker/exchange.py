@@ -51,6 +51,18 @@ class RequestContext:
 
 
 @dataclass(frozen=True, slots=True)
+class _Grant:
+    """A request that is being granted a token: who asked, as whom, for which cache key."""
+
+    ctx: RequestContext
+    raw_token: str
+    identity: WorkloadIdentity
+    role: Role
+    mint_request: MintRequest
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class ExchangeResult:
     body: dict[str, Any]
     audit: dict[str, Any]
@@ -128,11 +140,10 @@ class TokenExchange:
                 delegates=role.delegates,
             )
             key = cache_key(role.name, mint_request)
+            grant = _Grant(ctx, raw_token, identity, role, mint_request, key)
             memo = self._memo.get(key, now) if self._memo is not None else None
             if memo is not None:
-                issued = self._issue_memoised(
-                    ctx, raw_token, identity, role, mint_request, key, memo
-                )
+                issued = self._issue_memoised(grant, memo)
                 if issued is not None:
                     return issued
                 # A purge happened since this worker read the token: read Redis again.
@@ -147,8 +158,7 @@ class TokenExchange:
                 try:
                     # Issued only if no purge happened since the read (exact purges).
                     return self._issue(
-                        ctx, raw_token, identity, role, mint_request, key, token, hit,
-                        [self._cache.generation_holds(generation)],
+                        grant, token, hit, [self._cache.generation_holds(generation)]
                     )
                 except ConditionsFailed:
                     self._forget_memo()
@@ -177,12 +187,7 @@ class TokenExchange:
 
     def _issue(
         self,
-        ctx: RequestContext,
-        raw_token: str,
-        identity: WorkloadIdentity,
-        role: Role,
-        mint_request: MintRequest,
-        key: str,
+        grant: _Grant,
         token: AccessToken,
         hit: bool,
         conditions: Sequence[Condition] = (),
@@ -192,12 +197,13 @@ class TokenExchange:
 
         Raises :class:`ConditionsFailed` (nothing recorded) when one of ``conditions`` fails.
         """
+        role = grant.role
         if self._refresher is not None:
-            self._refresher.touch(key, role.name, mint_request, token)
+            self._refresher.touch(grant.key, role.name, grant.mint_request, token)
         fields = self._record_fields(
-            ctx,
-            raw_token,
-            identity,
+            grant.ctx,
+            grant.raw_token,
+            grant.identity,
             decision="issued",
             reason="issued",
             role=role.name,
@@ -211,40 +217,33 @@ class TokenExchange:
         record = record_body(**fields)  # the record's dict, without the frozen object
         # Fail closed: the token leaves only once its record is stored.
         stored = self._audit.append(record, conditions)
-        metrics.observe("issued", "hit" if hit else "miss", time.perf_counter() - ctx.started)
+        metrics.observe(
+            "issued", "hit" if hit else "miss", time.perf_counter() - grant.ctx.started
+        )
         now = self._clock()
         body = token_response(token.token, int(token.expires_at - now), role.scopes)
         return ExchangeResult(body=body, audit=stored)
 
-    def _issue_memoised(
-        self,
-        ctx: RequestContext,
-        raw_token: str,
-        identity: WorkloadIdentity,
-        role: Role,
-        mint_request: MintRequest,
-        key: str,
-        memo: MemoEntry,
-    ) -> ExchangeResult | None:
+    def _issue_memoised(self, grant: _Grant, memo: MemoEntry) -> ExchangeResult | None:
         """Issue a token this worker read from Redis lately: one round trip, in which the audit
         batch counts both rate limits and checks that no purge happened since (all or nothing).
         None when a purge did happen (the memo is dropped; the caller reads Redis again)."""
         limits = self._settings.rate_limit
+        client_ip, principal = grant.ctx.client_ip, grant.identity.principal
         hits = [
             h
             for h in (
-                self._limiter.guard("client_ip", ctx.client_ip, limits.per_client_ip_per_minute)
-                if ctx.client_ip
+                self._limiter.guard("client_ip", client_ip, limits.per_client_ip_per_minute)
+                if client_ip
                 else None,
-                self._limiter.guard("subject", identity.principal, limits.per_subject_per_minute),
+                self._limiter.guard("subject", principal, limits.per_subject_per_minute),
             )
             if h is not None
         ]
         fresh = self._cache.generation_holds(memo.generation)
         try:
             return self._issue(
-                ctx, raw_token, identity, role, mint_request, key, memo.token, True,
-                [*(h.condition for h in hits), fresh], memo,
+                grant, memo.token, True, [*(h.condition for h in hits), fresh], memo
             )
         except ConditionsFailed as failed:
             if fresh in failed.failed:

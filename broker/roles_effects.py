@@ -140,7 +140,7 @@ class RoleEffects:
         LOADED.set(self._clock())
 
     def _took_effect_at(self, revision: int | None) -> None:
-        LOADED.set(self._clock())
+        self.loaded()
         if revision is not None:
             REVISION.set(revision)
 
