@@ -229,6 +229,26 @@ def worker_rss_mb(master_pid: int) -> list[float]:
     return sorted(out)
 
 
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU time (user + system) used so far by ``roots`` and their direct children (a gunicorn
+    master's workers), read from /proc; processes that are gone count nothing."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            _, _, rest = stat.read_text().rpartition(")")
+            fields = rest.split()
+            if int(stat.parent.name) in roots or int(fields[1]) in roots:
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def cold_burst(url: str, emulator: str, token: str, callers: int, keys: int) -> dict[str, Any]:
     requests.post(f"{emulator}/emulator/faults", json={"latency_ms": 100}, timeout=5)
     before = (
@@ -309,10 +329,10 @@ def main() -> None:
                 "serviceaccount": {"name": "caller", "uid": "u"},
             },
         },
-        key,
+        key,  # type: ignore[arg-type]
         algorithm="RS256",
         headers={"kid": kid},
-    )  # type: ignore[arg-type]
+    )
 
     signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -338,7 +358,7 @@ def main() -> None:
         "warning",
     ]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(
+        redis_proc = stack.enter_context(
             process(
                 [
                     "redis-server",
@@ -367,14 +387,14 @@ def main() -> None:
                 env,
             )
         )
-        stack.enter_context(
+        bare = stack.enter_context(
             process(
                 [*gunicorn, "-b", f"127.0.0.1:{bare_port}", "bench.baseline_app:create('bare')"],
                 tmp / "bare.log",
                 env,
             )
         )
-        stack.enter_context(
+        xadd = stack.enter_context(
             process(
                 [*gunicorn, "-b", f"127.0.0.1:{xadd_port}", "bench.baseline_app:create('xadd')"],
                 tmp / "xadd.log",
@@ -385,6 +405,13 @@ def main() -> None:
             "a": f"http://127.0.0.1:{broker_port}",
             "b": f"http://127.0.0.1:{bare_port}",
             "b'": f"http://127.0.0.1:{xadd_port}",
+        }
+        # What each side's requests cost the machine: its gunicorn processes, plus the Redis
+        # server for the sides that use it (the client, wrk, is not counted).
+        servers = {
+            "a": [broker.pid, redis_proc.pid],
+            "b": [bare.pid],
+            "b'": [xadd.pid, redis_proc.pid],
         }
         for url in urls.values():
             wait_http(f"{url}/healthz" if url == urls["a"] else url)
@@ -407,12 +434,15 @@ def main() -> None:
         for r in range(args.rounds):
             order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order:
+                cpu_before = cpu_seconds(servers[side])
                 result = wrk(urls[side], token_file, args.duration, args.connections)
+                spent = cpu_seconds(servers[side]) - cpu_before
+                result["cpu_us"] = spent / max(result["requests"], 1) * 1e6
                 runs[side].append(result)
                 print(
                     f"round {r + 1} {side:>2}: {result['rps']:8.0f} req/s"
                     f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
-                    f"  non-2xx {int(result['non2xx'])}",
+                    f"  non-2xx {int(result['non2xx'])}  CPU {result['cpu_us']:.0f} us/req",
                     file=sys.stderr,
                 )
             rss.append(worker_rss_mb(broker.pid))
@@ -440,6 +470,23 @@ def main() -> None:
         for s in ("b", "b'"):
             if s in best:
                 print(f"(d)  (a)/{s:<3} = {best['a']['rps'] / best[s]['rps']:.2f}")
+    # Two cross-checks that the machine's noise moves less than best-of-N req/s: what a request
+    # costs the server in CPU (a round whose connections all land on one worker is much slower
+    # but costs only somewhat more per request), and each round's own ratio (its sides run
+    # back to back, so a slow spell of the machine hits both).
+    cpu = {s: median([r["cpu_us"] for r in v]) for s, v in runs.items()}
+    print("server CPU per request (median of rounds; gunicorn processes, plus Redis for a, b'):")
+    print("     " + "   ".join(f"({s}) {cpu[s]:.0f} us" for s in sides))
+    if "a" in cpu:
+        for s in ("b", "b'"):
+            if s in cpu:
+                paired = median(
+                    [x["rps"] / y["rps"] for x, y in zip(runs["a"], runs[s], strict=True)]
+                )
+                print(
+                    f"(d)  (a)/{s:<3} by CPU per request = {cpu[s] / cpu['a']:.2f}; "
+                    f"median of the rounds' own ratios = {paired:.2f}"
+                )
     print(
         f"(c)  cold burst: {burst['requests']} requests ({args.burst_callers} callers x "
         f"{args.burst_keys} cold keys, IAM at 100 ms): {burst['seconds']} s, IAM calls "

@@ -1,0 +1,50 @@
+"""bench/run.py's measuring helpers (the benchmark itself runs by hand: README, Benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.run import cpu_seconds, median
+
+# A parent (standing in for a gunicorn master) whose child burns 0.5 s of CPU, then idles.
+_BURN = (
+    "import time\n"
+    "end = time.process_time() + 0.5\n"
+    "while time.process_time() < end: pass\n"
+    "time.sleep(30)"
+)
+_PARENT = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {_BURN!r}])"
+
+
+def test_median_of_odd_and_even_counts() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_cpu_seconds_counts_a_root_and_its_children_only() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        spent = 0.0
+        while time.monotonic() < deadline and spent < 0.5:
+            time.sleep(0.1)
+            spent = cpu_seconds([parent.pid])
+        assert spent >= 0.5  # the child's burn, counted through its parent
+        assert cpu_seconds([idle.pid]) < 0.3  # another root: only its own start-up
+        assert cpu_seconds([]) == 0.0
+    finally:
+        children = subprocess.run(
+            ["pgrep", "-P", str(parent.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in children:
+            os.kill(int(pid), 9)
+        for p in (parent, idle):
+            p.kill()
+            p.wait()
