@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,13 +218,20 @@ def wrk(url: str, tokens: Path, duration: int, connections: int) -> dict[str, fl
     return dict(zip(keys, map(float, m.groups()), strict=True))
 
 
+def _processes() -> Iterator[tuple[Path, list[str]]]:
+    """Every process still readable in /proc: its directory and the fields of its ``stat``
+    after the command name (``[1]`` is the parent's pid, ``[11]``/``[12]`` user/system ticks)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            yield stat.parent, stat.read_text().rsplit(")", 1)[1].split()
+
+
 def worker_rss_mb(master_pid: int) -> list[float]:
     out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+    for proc, fields in _processes():
+        with contextlib.suppress(OSError, ValueError):
             if int(fields[1]) == master_pid:
-                status = (stat.parent / "status").read_text()
+                status = (proc / "status").read_text()
                 kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
                 out.append(round(kb / 1024, 1))
     return sorted(out)
@@ -232,21 +240,12 @@ def worker_rss_mb(master_pid: int) -> list[float]:
 def cpu_seconds(roots: list[int]) -> float:
     """CPU time (user + system) used so far by ``roots`` and their direct children (a gunicorn
     master's workers), read from /proc; processes that are gone count nothing."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            _, _, rest = stat.read_text().rpartition(")")
-            fields = rest.split()
-            if int(stat.parent.name) in roots or int(fields[1]) in roots:
-                total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    ticks = sum(
+        int(fields[11]) + int(fields[12])
+        for proc, fields in _processes()
+        if int(proc.name) in roots or int(fields[1]) in roots
+    )
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cold_burst(url: str, emulator: str, token: str, callers: int, keys: int) -> dict[str, Any]:
@@ -474,14 +473,14 @@ def main() -> None:
     # costs the server in CPU (a round whose connections all land on one worker is much slower
     # but costs only somewhat more per request), and each round's own ratio (its sides run
     # back to back, so a slow spell of the machine hits both).
-    cpu = {s: median([r["cpu_us"] for r in v]) for s, v in runs.items()}
+    cpu = {s: statistics.median(r["cpu_us"] for r in v) for s, v in runs.items()}
     print("server CPU per request (median of rounds; gunicorn processes, plus Redis for a, b'):")
     print("     " + "   ".join(f"({s}) {cpu[s]:.0f} us" for s in sides))
     if "a" in cpu:
         for s in ("b", "b'"):
             if s in cpu:
-                paired = median(
-                    [x["rps"] / y["rps"] for x, y in zip(runs["a"], runs[s], strict=True)]
+                paired = statistics.median(
+                    x["rps"] / y["rps"] for x, y in zip(runs["a"], runs[s], strict=True)
                 )
                 print(
                     f"(d)  (a)/{s:<3} by CPU per request = {cpu[s] / cpu['a']:.2f}; "

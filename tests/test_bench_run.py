@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench.run import cpu_seconds, median
+from bench.run import cpu_seconds, worker_rss_mb
 
 # A parent (standing in for a gunicorn master) whose child burns 0.5 s of CPU, then idles.
 _BURN = (
@@ -21,13 +21,8 @@ _BURN = (
 _PARENT = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {_BURN!r}])"
 
 
-def test_median_of_odd_and_even_counts() -> None:
-    assert median([3.0, 1.0, 2.0]) == 2.0
-    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
-def test_cpu_seconds_counts_a_root_and_its_children_only() -> None:
+def test_cpu_and_rss_count_a_root_and_its_children_only() -> None:
     parent = subprocess.Popen([sys.executable, "-c", _PARENT])
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -37,6 +32,8 @@ def test_cpu_seconds_counts_a_root_and_its_children_only() -> None:
             time.sleep(0.1)
             spent = cpu_seconds([parent.pid])
         assert spent >= 0.5  # the child's burn, counted through its parent
+        assert len(worker_rss_mb(parent.pid)) == 1  # its one child, like a worker
+        assert worker_rss_mb(parent.pid)[0] > 1.0
         assert cpu_seconds([idle.pid]) < 0.3  # another root: only its own start-up
         assert cpu_seconds([]) == 0.0
     finally:
