@@ -536,7 +536,7 @@ class AuditLog:
 
     def _emit_many(self, bodies: list[dict[str, Any]]) -> None:
         """One JSON line per record on stdout, in one write (the witness outside Redis)."""
-        if bodies:
+        if bodies and self._stdout:  # as _commit_locked: no lines built that go nowhere
             self._write(b"".join([_stdout_line(orjson.dumps(b)) for b in bodies]))
 
     def _write(self, lines: bytes) -> None:
