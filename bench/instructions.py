@@ -22,11 +22,9 @@ Needs valgrind and redis-server (Debian packages valgrind, redis-server).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import gc
 import io
-import json
 import os
 import re
 import shutil
@@ -37,13 +35,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run import free_port, make_tokens, process, wait_http, write_config  # noqa: E402
+from bench.run import (  # noqa: E402
+    backing_services,
+    broker_secrets,
+    free_port,
+    make_tokens,
+    signing_key,
+    wait_http,
+    write_config,
+)
 
 WARM_UP = 30  # requests before counting: the first mints, reads Redis and fills the memo
 FORM = (
@@ -175,41 +178,13 @@ def main() -> None:
         workers=1,
         threads=1,
     )
-    key = serialization.load_pem_private_key((tmp / "key.pem").read_bytes(), None)
-    kid = json.loads((tmp / "jwks.json").read_text())["keys"][0]["kid"]
+    key, kid = signing_key(tmp)
     token_file = tmp / "tokens.txt"
-    token_file.write_text("\n".join(make_tokens(key, kid, WARM_UP + args.large)) + "\n")  # type: ignore[arg-type]
-    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-    env = {
-        "BROKER_CACHE_KEYS": base64.b64encode(os.urandom(32)).decode(),
-        "BROKER_AUDIT_SIGNING_KEY": base64.b64encode(signing).decode(),
-    }
+    token_file.write_text("\n".join(make_tokens(key, kid, WARM_UP + args.large)) + "\n")
+    env = broker_secrets()
     per_request: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(
-            process(
-                [
-                    "redis-server",
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                tmp / "redis.log",
-            )
-        )
-        stack.enter_context(
-            process(
-                [sys.executable, "-m", "broker.cli", "emulator", "--bind", f"127.0.0.1:{emu_port}"],
-                tmp / "emulator.log",
-            )
-        )
+        backing_services(stack, tmp, redis_port, emu_port)
         wait_http(f"http://127.0.0.1:{emu_port}")
         for side in ("a", "b"):
             small = instructions(side, config, token_file, args.small, env)

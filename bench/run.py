@@ -190,6 +190,56 @@ def write_config(
     return tmp / "broker.yaml"
 
 
+def signing_key(tmp: Path) -> tuple[rsa.RSAPrivateKey, str]:
+    """The benchmark issuer's private key and kid, as :func:`write_config` wrote them."""
+    key = serialization.load_pem_private_key((tmp / "key.pem").read_bytes(), None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise TypeError("the benchmark's issuer key is not RSA")
+    return key, str(json.loads((tmp / "jwks.json").read_text())["keys"][0]["kid"])
+
+
+def broker_secrets() -> dict[str, str]:
+    """A fresh token-cache key and audit signing key, as the broker reads them from its
+    environment."""
+    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return {
+        "BROKER_CACHE_KEYS": base64.b64encode(os.urandom(32)).decode(),
+        "BROKER_AUDIT_SIGNING_KEY": base64.b64encode(signing).decode(),
+    }
+
+
+def backing_services(
+    stack: contextlib.ExitStack, tmp: Path, redis_port: int, emu_port: int
+) -> subprocess.Popen[bytes]:
+    """Start a redis-server (nothing kept on disk) and the IAM emulator, both stopped with
+    ``stack``; return the Redis server's process."""
+    redis_proc = stack.enter_context(
+        process(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            tmp / "redis.log",
+        )
+    )
+    stack.enter_context(
+        process(
+            [sys.executable, "-m", "broker.cli", "emulator", "--bind", f"127.0.0.1:{emu_port}"],
+            tmp / "emulator.log",
+        )
+    )
+    return redis_proc
+
+
 def wrk(url: str, tokens: Path, duration: int, connections: int) -> dict[str, float]:
     out = subprocess.run(
         [
@@ -312,10 +362,9 @@ def main() -> None:
         tmp, redis_url, emulator, f"127.0.0.1:{broker_port}", args.burst_keys,
         workers=args.workers, threads=args.threads,
     )
-    key = serialization.load_pem_private_key((tmp / "key.pem").read_bytes(), None)
-    kid = json.loads((tmp / "jwks.json").read_text())["keys"][0]["kid"]
+    key, kid = signing_key(tmp)
     print(f"signing {args.tokens} distinct subject tokens...", file=sys.stderr)
-    tokens = make_tokens(key, kid, args.tokens)  # type: ignore[arg-type]
+    tokens = make_tokens(key, kid, args.tokens)
     token_file = tmp / "tokens.txt"
     token_file.write_text("\n".join(tokens) + "\n")
     burst_token = _sign_batch((((tmp / "key.pem").read_bytes()), kid, 0, 1))[0]
@@ -328,19 +377,12 @@ def main() -> None:
                 "serviceaccount": {"name": "caller", "uid": "u"},
             },
         },
-        key,  # type: ignore[arg-type]
+        key,
         algorithm="RS256",
         headers={"kid": kid},
     )
 
-    signing = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-    env = {
-        "BROKER_CACHE_KEYS": base64.b64encode(os.urandom(32)).decode(),
-        "BROKER_AUDIT_SIGNING_KEY": base64.b64encode(signing).decode(),
-        "BENCH_REDIS_URL": redis_url,
-    }
+    env = {**broker_secrets(), "BENCH_REDIS_URL": redis_url}
     gunicorn = [
         sys.executable,
         "-m",
@@ -357,28 +399,7 @@ def main() -> None:
         "warning",
     ]
     with contextlib.ExitStack() as stack:
-        redis_proc = stack.enter_context(
-            process(
-                [
-                    "redis-server",
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                tmp / "redis.log",
-            )
-        )
-        stack.enter_context(
-            process(
-                [sys.executable, "-m", "broker.cli", "emulator", "--bind", f"127.0.0.1:{emu_port}"],
-                tmp / "emulator.log",
-            )
-        )
+        redis_proc = backing_services(stack, tmp, redis_port, emu_port)
         broker = stack.enter_context(
             process(
                 [sys.executable, "-m", "broker.cli", "serve", "--config", str(config)],

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import jwt
 import pytest
 
-from bench.run import cpu_seconds, worker_rss_mb
+from bench.run import broker_secrets, cpu_seconds, signing_key, worker_rss_mb, write_config
 
 # A parent (standing in for a gunicorn master) whose child burns 0.5 s of CPU, then idles.
 _BURN = (
@@ -45,3 +49,23 @@ def test_cpu_and_rss_count_a_root_and_its_children_only() -> None:
         for p in (parent, idle):
             p.kill()
             p.wait()
+
+
+def test_signing_key_is_the_key_write_config_published(tmp_path: Path) -> None:
+    write_config(
+        tmp_path, "redis://127.0.0.1:1/0", "http://127.0.0.1:1", "127.0.0.1:1", 0,
+        workers=1, threads=1,
+    )
+    key, kid = signing_key(tmp_path)
+    published = json.loads((tmp_path / "jwks.json").read_text())["keys"][0]
+    assert kid == published["kid"]
+    mine = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    assert (mine["n"], mine["e"]) == (published["n"], published["e"])
+
+
+def test_broker_secrets_are_fresh_keys_of_the_right_size() -> None:
+    first, second = broker_secrets(), broker_secrets()
+    assert first.keys() == {"BROKER_CACHE_KEYS", "BROKER_AUDIT_SIGNING_KEY"}
+    for name, value in first.items():
+        assert len(base64.b64decode(value)) == 32  # AES-256 key, Ed25519 seed
+        assert second[name] != value
