@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import io
 import os
 import re
@@ -112,10 +111,11 @@ def child(side: str, config: str, token_file: str, count: int) -> None:
 
         app = create("bare")
     serve(app, tokens[:WARM_UP])
-    # As a gunicorn worker does once its app is built (broker/server.py), for both sides alike:
+    # What the broker's gunicorn workers run once their app is built, for both sides alike:
     # start-up objects leave the collector's generations.
-    gc.collect()
-    gc.freeze()
+    from broker.server import _worker_ready
+
+    _worker_ready(None)
     serve(app, tokens[WARM_UP : WARM_UP + count])
     sys.stdout.flush()
     os._exit(0)  # the interpreter's teardown is the same for any count: skip it
