@@ -45,6 +45,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from broker.errors import ConfigError, InvalidSubjectToken
 from broker.jwks_fetch import TOTAL_TIMEOUT_S, FetchError, KeyFetcher
 from broker.model import WorkloadIdentity
+from broker.protocol import MAX_SUBJECT_TOKEN_BYTES
 from broker.settings import API_SERVER_AUDIENCES, IssuerSettings
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ REASONS: tuple[str, ...] = (
 )
 
 ALGORITHMS: tuple[str, ...] = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
-MAX_TOKEN_BYTES = 16 * 1024
+MAX_TOKEN_BYTES = MAX_SUBJECT_TOKEN_BYTES  # one limit, the wire's (broker.protocol)
 LEEWAY_S = 60.0
 MAX_STAT_INTERVAL_S = 5.0
 MIN_RSA_BITS = 2048
@@ -79,7 +80,13 @@ _FETCH_WAIT_S = 2 * TOTAL_TIMEOUT_S + 5  # discovery + JWKS: how long a caller m
 _RSA_ALGS = ("RS256", "RS384", "RS512", "PS256")
 _EC_ALGS = {"secp256r1": ("P-256", "ES256"), "secp384r1": ("P-384", "ES384")}
 _LEGACY = "kubernetes.io/serviceaccount/"
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+# base64url to the standard alphabet for binascii's strict decoder; '+', '/' and '=' are not
+# base64url, so they become '!', which the strict decoder refuses like any other stray character.
+_URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
+# The last character of an unpadded segment of length 2 or 3 (mod 4) carries 4 or 2 unused bits,
+# which must be zero (RFC 4648 §3.5). Refusing the others gives every token one spelling, so its
+# audit fingerprint (subject_token_sha256) is the same whoever presents it.
+_CANONICAL_LAST = ("", "", "AQgw", "AEIMQUYcgkosw048")
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.S)
 _AUDIT_TEXT_MAX = 256
 
@@ -106,12 +113,24 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def b64url_decode(segment: str) -> bytes:
+    """Decode one JWS segment: base64url without padding, canonical (RFC 7515 §2, RFC 4648 §3.5).
+
+    Raises ``ValueError`` for anything else: other characters, padding, whitespace, a length of 1
+    (mod 4), or unused bits that are not zero.
+    """
+    tail = len(segment) % 4
+    data = segment.encode("ascii").translate(_URL_TO_STD)  # UnicodeEncodeError is a ValueError
+    if tail:
+        if tail == 1 or segment[-1] not in _CANONICAL_LAST[tail]:
+            raise ValueError("not canonical base64url")
+        data += b"=" * (4 - tail)
+    return binascii.a2b_base64(data, strict_mode=True)  # binascii.Error is a ValueError too
+
+
 def _b64json(segment: str) -> Any:
-    if not _B64URL.fullmatch(segment):
-        raise ValueError("not base64url")
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     # orjson: strict JSON (NaN/Infinity refused) and several times faster than json.
-    return orjson.loads(raw)
+    return orjson.loads(b64url_decode(segment))
 
 
 def key_id(public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
@@ -726,10 +745,8 @@ class Verifier:
         # PyJWT's algorithm objects directly rather than letting jwt.decode parse it all again.
         signing_input, _, encoded_sig = token.rpartition(".")
         try:
-            if not _B64URL.fullmatch(encoded_sig):  # strict: no ignored characters
-                raise ValueError("not base64url")
-            signature = base64.urlsafe_b64decode(encoded_sig + "=" * (-len(encoded_sig) % 4))
-        except (binascii.Error, ValueError) as exc:
+            signature = b64url_decode(encoded_sig)
+        except ValueError as exc:
             raise _fail("token_malformed", "the token's signature is not base64url") from exc
         message = signing_input.encode("ascii")
         for jwk in candidates:

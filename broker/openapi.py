@@ -12,6 +12,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app
 
 from broker.http import json_response
+from broker.protocol import MAX_SUBJECT_TOKEN_BYTES
 
 bp = Blueprint("openapi", __name__)
 
@@ -193,7 +194,7 @@ COMPONENTS: dict[str, Any] = {
             "required": ["grant_type", "subject_token", "subject_token_type"],
             "properties": {
                 "grant_type": {"const": "urn:ietf:params:oauth:grant-type:token-exchange"},
-                "subject_token": {"type": "string", "maxLength": 16384},
+                "subject_token": {"type": "string", "maxLength": MAX_SUBJECT_TOKEN_BYTES},
                 "subject_token_type": {
                     "enum": [
                         "urn:ietf:params:oauth:token-type:jwt",

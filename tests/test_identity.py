@@ -1388,3 +1388,75 @@ def test_signature_segment_must_be_strict_base64url(tmp_path):
     with pytest.raises(InvalidSubjectToken) as info:
         v.verify(token + "!!")
     assert info.value.reason == "token_malformed"
+
+
+@pytest.mark.parametrize(
+    ("segment", "decoded"),
+    [("", b""), ("AQ", b"\x01"), ("AQI", b"\x01\x02"), ("AQID", b"\x01\x02\x03"), ("-_8", b"\xfb\xff")],
+)
+def test_b64url_decode_accepts_canonical_unpadded(segment: str, decoded: bytes) -> None:
+    from broker.identity import b64url_decode
+
+    assert b64url_decode(segment) == decoded
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        "AR",  # unused bits set: decodes to b"\x01" like "AQ" under a lenient decoder
+        "AQJ",  # likewise, for b"\x01\x02"
+        "AQ==",  # padding
+        "+/8",  # the standard alphabet, not base64url
+        "AQ D",  # whitespace
+        "AQID\n",
+        "A",  # a length no encoding has
+        "AQIDB",
+        "AQé",
+    ],
+)
+def test_b64url_decode_refuses_anything_else(segment: str) -> None:
+    from broker.identity import b64url_decode
+
+    with pytest.raises(ValueError):
+        b64url_decode(segment)
+
+
+def _respell_last(segment: str) -> str:
+    """The same bytes under a lenient decoder: the last character with its unused bits set."""
+    import string
+
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    assert len(segment) % 4 in (2, 3)
+    return segment[:-1] + alphabet[alphabet.index(segment[-1]) + 1]
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+def test_one_token_has_one_spelling(tmp_path: Any, part: int) -> None:
+    """A token re-spelt with nonzero unused bits (the same bytes to a lenient decoder) is
+    refused, so whoever replays a token cannot vary its audit fingerprint."""
+    import base64
+
+    from broker.errors import InvalidSubjectToken
+    from broker.identity import Verifier
+    from broker.settings import IssuerSettings
+    from tests.support import AUDIENCE, LocalIssuer
+
+    iss = LocalIssuer()
+    v = Verifier([IssuerSettings(name="t", issuer=iss.issuer, audiences=(AUDIENCE,),
+                                 jwks_file=str(iss.write_jwks(tmp_path / "k.json")))])
+    # A filler of 0-2 characters in the header or the claims gives the segment a length of 2 or
+    # 3 (mod 4), which leaves unused bits in its last character (an RSA-2048 signature has 2).
+    for filler in ("", "x", "xx"):
+        parts = iss.token(headers={"f": filler}, f=filler).split(".")
+        if len(parts[part]) % 4 in (2, 3):
+            break
+    assert len(parts[part]) % 4 in (2, 3)
+    assert v.verify(".".join(parts)).namespace == "flux-system"
+    respelt = list(parts)
+    respelt[part] = _respell_last(parts[part])
+    pad = "=" * (-len(parts[part]) % 4)
+    same = base64.urlsafe_b64decode(respelt[part] + pad)
+    assert same == base64.urlsafe_b64decode(parts[part] + pad)
+    with pytest.raises(InvalidSubjectToken) as info:
+        v.verify(".".join(respelt))
+    assert info.value.reason == "token_malformed"
