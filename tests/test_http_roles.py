@@ -497,3 +497,52 @@ def test_table_edited_in_redis_is_refused_and_recoverable_by_whole_put(redis_bro
     resp = send(b, "PUT", "/v1/roles", ROLES, **{"If-Match": served.headers["ETag"]})
     assert resp.status_code == 200 and resp.json["revision"] == 3
     assert source(b).refresh(full=True) is None
+
+
+def _replica(b):
+    """A second broker on ``b``'s Redis (another replica), its poller stopped like ``b``'s."""
+    import io
+
+    from broker.app import create_app
+    from tests.roles_support import ENV
+
+    app = create_app(b.settings, redis_client=b.redis, minter=b.minter, env=ENV,
+                     audit_out=io.StringIO())
+    app.extensions["broker"].role_admin.source.close()
+    return app.test_client()
+
+
+def test_reads_show_another_replicas_write_at_once(redis_broker) -> None:
+    """No poll has run on the other replica: its reads still show the write, and the ETag
+    they give is the one the next edit needs (no 412 from a stale read)."""
+    other = _replica(redis_broker)
+    admin = bearer(redis_broker.issuer)
+    assert other.get("/v1/roles", headers=admin).json["revision"] == 1
+    etag = get(redis_broker, "/v1/roles/batch-a").headers["ETag"]
+    changed = send(redis_broker, "PUT", "/v1/roles/batch-a", role("batch-a", lifetime="20m"),
+                   **{"If-Match": etag})
+    assert changed.status_code == 200, changed.json
+    listed = other.get("/v1/roles", headers=admin)
+    assert listed.json["revision"] == 2
+    one = other.get("/v1/roles/batch-a", headers=admin)
+    assert one.json["lifetime"] == "20m"
+    again = other.put("/v1/roles/batch-a", json=role("batch-a", lifetime="10m"),
+                      headers={**admin, "If-Match": one.headers["ETag"]})
+    assert again.status_code == 200, again.json
+    assert get(redis_broker, "/v1/roles").json["revision"] == 3
+
+
+def test_reads_answer_the_table_in_effect_when_redis_is_down(redis_broker) -> None:
+    before = get(redis_broker, "/v1/roles")
+    import redis
+
+    redis_broker.redis.connection_pool.connection_kwargs["server"].connected = False
+    try:
+        with pytest.raises(redis.ConnectionError):
+            redis_broker.redis.get("anything")
+        during = get(redis_broker, "/v1/roles")
+    finally:
+        redis_broker.redis.connection_pool.connection_kwargs["server"].connected = True
+    assert during.status_code == 200
+    assert during.headers["ETag"] == before.headers["ETag"]
+    assert during.json["roles"] == before.json["roles"]
