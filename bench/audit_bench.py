@@ -248,11 +248,11 @@ def run(args: argparse.Namespace, url: str, client: redis.Redis) -> None:
     print(f"   index streams: {n_keys:,}")
 
     reader = AuditReader(make_log(url, writer="reader").store)
-    first = client.xrange(f"{PREFIX}audit:idx:all", count=1)[0][0].decode()
-    last = client.xrevrange(f"{PREFIX}audit:idx:all", count=1)[0][0].decode()
-    t0, t1 = int(first.split("-")[0]), int(last.split("-")[0])
+    first: Any = client.xrange(f"{PREFIX}audit:idx:all", count=1)
+    last: Any = client.xrevrange(f"{PREFIX}audit:idx:all", count=1)
+    t0, t1 = int(first[0][0].split(b"-")[0]), int(last[0][0].split(b"-")[0])
     mid, day = (t0 + t1) // 2, max(1, (t1 - t0) // 30)
-    window = dict(since_ms=mid - day // 2, until_ms=mid + day // 2)
+    since_ms, until_ms = mid - day // 2, mid + day // 2
     typical = Workload.subject(40, 3)[2]
     busiest = Workload.subject(0, 0)[2]
     sa_typ = f"role-{Workload.role_of(40, 3):03d}@my-project.iam.gserviceaccount.com"
@@ -263,11 +263,17 @@ def run(args: argparse.Namespace, url: str, client: redis.Redis) -> None:
         ("one subject (busiest)", Query(subject=busiest)),
         ("one GCP service account (typical)", Query(service_account=sa_typ)),
         ("one GCP service account (busiest)", Query(service_account=sa_busy)),
-        ("24 h window (all records)", Query(**window)),
-        ("24 h window + one subject", Query(subject=typical, **window)),
+        ("24 h window (all records)", Query(since_ms=since_ms, until_ms=until_ms)),
+        (
+            "24 h window + one subject",
+            Query(subject=typical, since_ms=since_ms, until_ms=until_ms),
+        ),
         ("refused, one subject", Query(subject=busiest, decision="denied")),
         ("refused, any (newest first)", Query(decision="denied")),
-        ("24 h window, oldest first", Query(order="asc", **window)),
+        (
+            "24 h window, oldest first",
+            Query(order="asc", since_ms=since_ms, until_ms=until_ms),
+        ),
     ]
     print(f"\n4. filtered first page: 100 records, {args.queries} runs each, ms "
           "(AuditReader.page + JSON; excludes HTTP and bearer verification)")

@@ -30,5 +30,5 @@ fi
 export TB_REQUIRE_REDIS=1  # integration tests fail (not skip) when Redis is missing
 
 "$VENV/bin/ruff" check broker tests bench
-"$VENV/bin/mypy" --strict broker
+"$VENV/bin/mypy" --strict broker bench
 "$VENV/bin/python" -m pytest "$@"
