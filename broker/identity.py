@@ -84,8 +84,10 @@ _LEGACY = "kubernetes.io/serviceaccount/"
 # base64url, so they become '!', which the strict decoder refuses like any other stray character.
 _URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
 # The last character of an unpadded segment of length 2 or 3 (mod 4) carries 4 or 2 unused bits,
-# which must be zero (RFC 4648 §3.5). Refusing the others gives every token one spelling, so its
-# audit fingerprint (subject_token_sha256) is the same whoever presents it.
+# which must be zero (RFC 4648 §3.5). Refusing the others gives a token's bytes one spelling, so
+# re-encoding a replayed token cannot change its audit fingerprint (subject_token_sha256). An
+# ECDSA signature can still be replaced by its twin (s -> n - s, also valid): for ES256/ES384
+# issuers the fingerprint identifies a presented token, not a signing event.
 _CANONICAL_LAST = ("", "", "AQgw", "AEIMQUYcgkosw048")
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.S)
 _AUDIT_TEXT_MAX = 256

@@ -1409,6 +1409,9 @@ def test_b64url_decode_accepts_canonical_unpadded(segment: str, decoded: bytes) 
         "+/8",  # the standard alphabet, not base64url
         "AQ D",  # whitespace
         "AQID\n",
+        "AQ\r\nID\r\n",  # valid once the stray characters are dropped, as lenient decoders do
+        "!!!!AQID",
+        "AQ+/",  # '+' and '/' in place of '-' and '_'
         "A",  # a length no encoding has
         "AQIDB",
         "AQé",
