@@ -182,6 +182,8 @@ class RoleAdmin:
             self.source.refresh()
         except StoreUnavailable as exc:
             log.warning("roles: cannot check for a new table: %s", exc.description)
+        except Exception:  # as the poller: a read must not fail because a check did
+            log.exception("roles: checking for a new table failed")
 
     def history(self, limit: int) -> list[dict[str, Any]]:
         """The newest stored versions (redis mode), newest first, each verified."""
@@ -297,7 +299,7 @@ class RoleAdmin:
         """Replace the whole table (``If-Match``: the table's ETag), or with ``dry_run`` only
         say what would change (any mode, no precondition needed)."""
         if dry_run:
-            base = self.source.current()
+            base = self.table()  # caught up, like a read: the ETag it checks is a read's
             if pre.if_match is not None and not _matches(pre.if_match, base.digest):
                 raise PreconditionFailed(self._stale_table(base.digest))
             table, warnings = self._validate(body, "PUT /v1/roles (dry run)")

@@ -35,6 +35,7 @@ HISTORY_LENGTH = 100
 MIN_KEY_BYTES = 32
 _ENVELOPE_VERSION = 1
 _MAC_DOMAIN = b"token-broker/roles/v1\x00"
+_MAC_HEX = frozenset("0123456789abcdef")  # what sign() writes: 64 of these
 _COMMIT_ATTEMPTS = 20  # WATCH retries when someone else's write lands between read and commit
 
 
@@ -288,7 +289,7 @@ class RedisRoleStore:
 
         try:
             env = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting too deep for the parser is not JSON here
             raise bad("malformed", "the stored role table is not JSON") from None
         if not isinstance(env, dict) or env.get("v") != _ENVELOPE_VERSION:
             raise bad("malformed", "the stored role table is not a version-1 envelope")
@@ -296,9 +297,15 @@ class RedisRoleStore:
         content = {k: env.get(k) for k in self._content_keys()}
         if not isinstance(kid, str) or not isinstance(mac, str):
             raise bad("malformed", "the stored role table carries no MAC")
+        if len(mac) != 64 or not _MAC_HEX.issuperset(mac):  # compare_digest takes ASCII only
+            raise bad("malformed", "the stored role table's MAC is not 64 hex digits")
         if kid not in self._keys.kids:
             raise bad("unknown_key", f"the stored role table is MACed with unknown key {kid[:8]!r}")
-        if not self._keys.verify(kid, self._message(content), mac):
+        try:
+            message = self._message(content)
+        except RecursionError:
+            raise bad("malformed", "the stored role table is nested too deeply") from None
+        if not self._keys.verify(kid, message, mac):
             raise bad(
                 "bad_mac",
                 "the stored role table's MAC does not verify: it was changed outside the broker",

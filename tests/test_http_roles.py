@@ -522,10 +522,9 @@ def test_reads_show_another_replicas_write_at_once(redis_broker) -> None:
     changed = send(redis_broker, "PUT", "/v1/roles/batch-a", role("batch-a", lifetime="20m"),
                    **{"If-Match": etag})
     assert changed.status_code == 200, changed.json
-    listed = other.get("/v1/roles", headers=admin)
-    assert listed.json["revision"] == 2
-    one = other.get("/v1/roles/batch-a", headers=admin)
+    one = other.get("/v1/roles/batch-a", headers=admin)  # a single role catches up too
     assert one.json["lifetime"] == "20m"
+    assert other.get("/v1/roles", headers=admin).json["revision"] == 2
     again = other.put("/v1/roles/batch-a", json=role("batch-a", lifetime="10m"),
                       headers={**admin, "If-Match": one.headers["ETag"]})
     assert again.status_code == 200, again.json
@@ -546,3 +545,45 @@ def test_reads_answer_the_table_in_effect_when_redis_is_down(redis_broker) -> No
     assert during.status_code == 200
     assert during.headers["ETag"] == before.headers["ETag"]
     assert during.json["roles"] == before.json["roles"]
+
+
+def test_dry_run_checks_a_fresh_etag(redis_broker) -> None:
+    other = _replica(redis_broker)
+    admin = bearer(redis_broker.issuer)
+    other.get("/v1/roles", headers=admin)  # loaded at revision 1
+    etag = get(redis_broker, "/v1/roles").headers["ETag"]
+    send(redis_broker, "PUT", "/v1/roles", {"roles": ROLES["roles"][:2]}, **{"If-Match": etag})
+    fresh = get(redis_broker, "/v1/roles").headers["ETag"]
+    dry = other.put("/v1/roles?dry_run=1", json=ROLES, headers={**admin, "If-Match": fresh})
+    assert dry.status_code == 200, dry.json
+    assert dry.json["revision"] == 2 and dry.json["changed"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,  # the envelope with a MAC that is not ASCII (set below)
+        b"[" * 100_000,  # nesting deeper than the JSON parser goes
+    ],
+)
+def test_reads_survive_a_store_tampered_beyond_parsing(redis_broker, raw) -> None:
+    """Garbage in the stored table is an alarm, not a 500: reads answer the last good table,
+    and a whole-table write against it recovers."""
+    b = redis_broker
+    prefix = b.settings.redis.key_prefix
+    key = f"{prefix}{{roles}}:current"
+    served = get(b, "/v1/roles")
+    if raw is None:
+        env = json.loads(b.redis.get(key))
+        env["mac"] = "é"
+        raw = json.dumps(env).encode()
+    b.redis.set(key, raw)
+    b.redis.incr(f"{prefix}{{roles}}:revision")
+    during = get(b, "/v1/roles")
+    assert during.status_code == 200 and during.json["version"] == served.json["version"]
+    assert get(b, "/v1/roles/batch-a").status_code == 200
+    alarm = events(b, "roles.reloaded")[-1]
+    assert (alarm["decision"], alarm["reason"]) == ("error", "malformed")
+    resp = send(b, "PUT", "/v1/roles", ROLES, **{"If-Match": served.headers["ETag"]})
+    assert resp.status_code == 200, resp.json
+    assert source(b).refresh(full=True) is None

@@ -352,3 +352,35 @@ def test_tampered_store_at_start_fails_closed(store, redis_client) -> None:
     source = redis_source(store, events)
     assert source.current().roles == ()
     assert [e.reason for e in events] == ["bad_mac"]
+
+
+def test_concurrent_refreshes_report_in_the_order_they_applied(store) -> None:
+    """The poller and an admin read may refresh at once: a reload that is slow to report
+    (purging, auditing) is still reported before a later one, so the revision gauge and the
+    audit never step back."""
+    reported: list[int | None] = []
+    first_reporting, release = threading.Event(), threading.Event()
+
+    def on_reload(event: Reload) -> None:
+        if event.revision == 2:
+            first_reporting.set()
+            release.wait(5)
+        reported.append(event.revision)
+
+    source = RedisRoleSource(store, RULES, on_reload=on_reload, full_check_every=1000)
+    put(store, role("a"))
+    source.current()
+    put(store, role("a"), role("b"))
+    slow = threading.Thread(target=source.refresh)
+    slow.start()
+    assert first_reporting.wait(5)  # revision 2 applied, its report under way
+    put(store, role("a"), role("b"), role("c"))
+    later = threading.Thread(target=source.refresh)
+    later.start()
+    later.join(0.3)
+    assert later.is_alive()  # waits for revision 2's report
+    release.set()
+    slow.join(5)
+    later.join(5)
+    assert reported == [1, 2, 3]
+    assert [r.name for r in source.current().roles] == ["a", "b", "c"]

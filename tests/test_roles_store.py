@@ -154,6 +154,8 @@ def tamper(client, edit) -> None:
         (lambda e: e.update(revision=99), "bad_mac"),
         (lambda e: e.update(kid="deadbeef"), "unknown_key"),
         (lambda e: e.pop("mac"), "malformed"),
+        (lambda e: e.update(mac="é"), "malformed"),  # compare_digest refuses non-ASCII
+        (lambda e: e.update(mac="g" * 64), "malformed"),
         (lambda e: e.update(v=2), "malformed"),
     ],
 )
@@ -165,11 +167,15 @@ def test_edits_behind_the_brokers_back_are_refused(store, client, edit, reason) 
     assert ei.value.reason == reason and len(ei.value.fingerprint) == 64
 
 
-def test_garbage_is_refused(store, client) -> None:
-    client.set("t:{roles}:current", b"\xff not json")
+@pytest.mark.parametrize("raw", [b"\xff not json", b"[" * 100_000, b"[" * 100_000 + b"]" * 100_000])
+def test_garbage_is_refused(store, client, raw) -> None:
+    client.set("t:{roles}:current", raw)
     with pytest.raises(TableIntegrityError) as ei:
         store.read()
     assert ei.value.reason == "malformed"
+
+
+def test_garbage_revision_makes_readers_look(store, client) -> None:
     client.set("t:{roles}:revision", "abc")
     assert store.revision() == -1
 
