@@ -73,8 +73,9 @@ class RoleSource:
         self._on_reload = on_reload
         self._poll_s = poll_s
         self._table: RoleTable | None = None
-        self._lock = threading.Lock()  # one refresh at a time; readers never take it
-        self._report_lock = threading.RLock()  # held while a reload is reported too
+        # One refresh at a time, its report included, so reports go out in the order the
+        # reloads happened; readers of the table (current) never take it.
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reloads: Counter[str] = Counter()  # "applied" / "refused": for tests and metrics
@@ -97,20 +98,19 @@ class RoleSource:
     def refresh(self, *, full: bool = False) -> Reload | None:
         """Look for a new table now; return what happened (None: nothing new). ``full``
         re-reads the source even when its cheap change marker did not move."""
-        # Reports go out in the order the reloads happened (the poller and admin reads both
-        # refresh): the gauge of the revision in effect, purges and audit records never step
-        # back. Readers of the table (current) take neither lock.
-        with self._report_lock:
-            with self._lock:
-                event = self._check(full)
-                if event is not None:
-                    self.reloads[event.outcome] += 1
-            if event is not None and self._on_reload is not None:
+        # The report is made under the lock too (the poller and admin reads both refresh):
+        # the gauge of the revision in effect, purges and audit records never step back.
+        with self._lock:
+            event = self._check(full)
+            if event is None:
+                return None
+            self.reloads[event.outcome] += 1
+            if self._on_reload is not None:
                 try:
                     self._on_reload(event)
                 except Exception:  # reporting must never undo or block a reload
                     log.exception("roles: reporting a reload failed")
-        return event
+            return event
 
     def _check(self, full: bool) -> Reload | None:
         raise NotImplementedError
