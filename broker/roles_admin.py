@@ -29,7 +29,6 @@ from broker.errors import (
     NotFound,
     PreconditionFailed,
     PreconditionRequired,
-    StoreUnavailable,
 )
 from broker.exchange import RequestContext
 from broker.identity import Verifier
@@ -161,29 +160,21 @@ class RoleAdmin:
     # -- reads --------------------------------------------------------------------------------
 
     def table(self) -> RoleTable:
-        """The table in effect, caught up with the source first (see :meth:`_catch_up`)."""
-        self._catch_up()
+        """The table in effect, caught up with the source first.
+
+        A newer table is loaded now rather than at the next poll (one revision read when there
+        is none), so a read right after a write made through another worker or replica shows
+        it, and its ETag fits the next edit. When the source cannot be read, the table this
+        worker enforces is still the right answer (logged; the poller keeps trying)."""
+        self.source.refresh_or_log()
         return self.source.current()
 
     def role(self, name: str) -> Role:
-        """The role called ``name`` (:class:`NotFound` otherwise)."""
-        self._catch_up()
-        found = self.source.current().get(name)
+        """The role called ``name`` (:class:`NotFound` otherwise), caught up as :meth:`table`."""
+        found = self.table().get(name)
         if found is None:
             raise NotFound(f"no role {name!r}")
         return found
-
-    def _catch_up(self) -> None:
-        """Load a newer table now rather than at the next poll (one revision read when there
-        is none), so that a read right after a write made through another worker or replica
-        shows it, and its ETag fits the next edit. When the source cannot be read, the table
-        this worker enforces is still the right answer; the poller keeps trying."""
-        try:
-            self.source.refresh()
-        except StoreUnavailable as exc:
-            log.warning("roles: cannot check for a new table: %s", exc.description)
-        except Exception:  # as the poller: a read must not fail because a check did
-            log.exception("roles: checking for a new table failed")
 
     def history(self, limit: int) -> list[dict[str, Any]]:
         """The newest stored versions (redis mode), newest first, each verified."""

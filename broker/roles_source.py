@@ -112,6 +112,16 @@ class RoleSource:
                     log.exception("roles: reporting a reload failed")
             return event
 
+    def refresh_or_log(self) -> None:
+        """:meth:`refresh`, with a failure logged instead of raised: for callers that go on
+        with the table in effect (the poller, admin reads)."""
+        try:
+            self.refresh()
+        except StoreUnavailable as exc:
+            log.warning("roles: cannot check for a new table: %s", exc.description)
+        except Exception:  # no one check may stop the poller or fail a read
+            log.exception("roles: checking for a new table failed")
+
     def _check(self, full: bool) -> Reload | None:
         raise NotImplementedError
 
@@ -135,12 +145,7 @@ def _poll(ref: weakref.ref[RoleSource], stop: threading.Event, interval: float) 
         source = ref()
         if source is None:
             return
-        try:
-            source.refresh()
-        except StoreUnavailable as exc:
-            log.warning("roles: cannot check for a new table: %s", exc.description)
-        except Exception:  # the watcher must outlive any one bad poll
-            log.exception("roles: checking for a new table failed")
+        source.refresh_or_log()
         del source
 
 
