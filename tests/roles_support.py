@@ -77,9 +77,16 @@ def make_roles_broker(
     client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     minter = FakeMinter()
     out = io.StringIO()
+    return BrokerUnderTest(roles_app(settings, client, minter, out), settings, client, minter,
+                           out, issuer)
+
+
+def roles_app(settings: Any, client: Any, minter: FakeMinter, out: io.StringIO) -> Any:
+    """A broker app on ``client`` (fakeredis) whose role poller is stopped: tests drive
+    refresh() themselves. Two on one client are two replicas."""
     app = create_app(settings, redis_client=client, minter=minter, env=ENV, audit_out=out)
-    app.extensions["broker"].role_admin.source.close()  # tests drive refresh() themselves
-    return BrokerUnderTest(app, settings, client, minter, out, issuer)
+    app.extensions["broker"].role_admin.source.close()
+    return app
 
 
 def bearer(issuer: LocalIssuer, who: tuple[str, str] = ADMIN) -> dict[str, str]:

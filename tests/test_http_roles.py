@@ -3,6 +3,7 @@ and explain, on a unit broker (fakeredis, FakeMinter)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tests.roles_support import (
     bearer,
     make_roles_broker,
     role,
+    roles_app,
 )
 from tests.support import ADMIN_AUDIENCE, AUDIENCE, ROLES, SA_DOMAIN, LocalIssuer, exchange_form
 
@@ -501,15 +503,7 @@ def test_table_edited_in_redis_is_refused_and_recoverable_by_whole_put(redis_bro
 
 def _replica(b):
     """A second broker on ``b``'s Redis (another replica), its poller stopped like ``b``'s."""
-    import io
-
-    from broker.app import create_app
-    from tests.roles_support import ENV
-
-    app = create_app(b.settings, redis_client=b.redis, minter=b.minter, env=ENV,
-                     audit_out=io.StringIO())
-    app.extensions["broker"].role_admin.source.close()
-    return app.test_client()
+    return roles_app(b.settings, b.redis, b.minter, io.StringIO()).test_client()
 
 
 def test_reads_show_another_replicas_write_at_once(redis_broker) -> None:

@@ -20,10 +20,18 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 import broker.identity as identity_module
 from broker.errors import ConfigError, InvalidSubjectToken
-from broker.identity import MAX_TOKEN_BYTES, REASONS, Verifier, key_id, load_jwks, load_keys
+from broker.identity import (
+    MAX_TOKEN_BYTES,
+    REASONS,
+    Verifier,
+    b64url_decode,
+    key_id,
+    load_jwks,
+    load_keys,
+)
 from broker.jwks_fetch import FetchError, KeyFetcher
 from broker.settings import API_SERVER_AUDIENCES, IssuerSettings
-from tests.support import FakeClock
+from tests.support import AUDIENCE, FakeClock, LocalIssuer
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "k8s-tokens"
 MINIKUBE = FIXTURES / "01_projected_minikube_rs256"
@@ -1373,16 +1381,17 @@ def test_one_issuer_down_does_not_affect_another(
     assert not verifier.ready()
 
 
-def test_signature_segment_must_be_strict_base64url(tmp_path):
-    """A valid signature with extra characters (ignored by lenient decoders) is refused."""
-    from broker.errors import InvalidSubjectToken
-    from broker.identity import Verifier
-    from broker.settings import IssuerSettings
-    from tests.support import AUDIENCE, LocalIssuer
-
+def _local_verifier(tmp_path: Path) -> tuple[LocalIssuer, Verifier]:
+    """A local issuer and a verifier that trusts it (its JWKS in a file)."""
     iss = LocalIssuer()
     v = Verifier([IssuerSettings(name="t", issuer=iss.issuer, audiences=(AUDIENCE,),
                                  jwks_file=str(iss.write_jwks(tmp_path / "k.json")))])
+    return iss, v
+
+
+def test_signature_segment_must_be_strict_base64url(tmp_path):
+    """A valid signature with extra characters (ignored by lenient decoders) is refused."""
+    iss, v = _local_verifier(tmp_path)
     token = iss.token()
     assert v.verify(token).namespace == "flux-system"
     with pytest.raises(InvalidSubjectToken) as info:
@@ -1395,8 +1404,6 @@ def test_signature_segment_must_be_strict_base64url(tmp_path):
     [("", b""), ("AQ", b"\x01"), ("AQI", b"\x01\x02"), ("AQID", b"\x01\x02\x03"), ("-_8", b"\xfb\xff")],
 )
 def test_b64url_decode_accepts_canonical_unpadded(segment: str, decoded: bytes) -> None:
-    from broker.identity import b64url_decode
-
     assert b64url_decode(segment) == decoded
 
 
@@ -1418,8 +1425,6 @@ def test_b64url_decode_accepts_canonical_unpadded(segment: str, decoded: bytes) 
     ],
 )
 def test_b64url_decode_refuses_anything_else(segment: str) -> None:
-    from broker.identity import b64url_decode
-
     with pytest.raises(ValueError):
         b64url_decode(segment)
 
@@ -1434,19 +1439,10 @@ def _respell_last(segment: str) -> str:
 
 
 @pytest.mark.parametrize("part", [0, 1, 2])
-def test_one_token_has_one_spelling(tmp_path: Any, part: int) -> None:
+def test_one_token_has_one_spelling(tmp_path: Path, part: int) -> None:
     """A token re-spelt with nonzero unused bits (the same bytes to a lenient decoder) is
     refused, so whoever replays a token cannot vary its audit fingerprint."""
-    import base64
-
-    from broker.errors import InvalidSubjectToken
-    from broker.identity import Verifier
-    from broker.settings import IssuerSettings
-    from tests.support import AUDIENCE, LocalIssuer
-
-    iss = LocalIssuer()
-    v = Verifier([IssuerSettings(name="t", issuer=iss.issuer, audiences=(AUDIENCE,),
-                                 jwks_file=str(iss.write_jwks(tmp_path / "k.json")))])
+    iss, v = _local_verifier(tmp_path)
     # A filler of 0-2 characters in the header or the claims gives the segment a length of 2 or
     # 3 (mod 4), which leaves unused bits in its last character (an RSA-2048 signature has 2).
     for filler in ("", "x", "xx"):
