@@ -455,14 +455,23 @@ def main() -> None:
             order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order:
                 cpu_before = cpu_seconds(servers[side])
+                redis_before = cpu_seconds([redis_proc.pid])
                 result = wrk(urls[side], token_file, args.duration, args.connections)
                 spent = cpu_seconds(servers[side]) - cpu_before
-                result["cpu_us"] = spent / max(result["requests"], 1) * 1e6
+                requests_done = max(result["requests"], 1)
+                result["cpu_us"] = spent / requests_done * 1e6
+                # Redis's part of it (the sides that use Redis count the server's CPU too).
+                result["redis_us"] = (
+                    (cpu_seconds([redis_proc.pid]) - redis_before) / requests_done * 1e6
+                    if redis_proc.pid in servers[side]
+                    else 0.0
+                )
                 runs[side].append(result)
                 print(
                     f"round {r + 1} {side:>2}: {result['rps']:8.0f} req/s"
                     f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
-                    f"  non-2xx {int(result['non2xx'])}  CPU {result['cpu_us']:.0f} us/req",
+                    f"  non-2xx {int(result['non2xx'])}  CPU {result['cpu_us']:.0f} us/req"
+                    f" (Redis {result['redis_us']:.0f})",
                     file=sys.stderr,
                 )
             rss.append(worker_rss_mb(broker.pid))
@@ -495,8 +504,15 @@ def main() -> None:
     # but costs only somewhat more per request), and each round's own ratio (its sides run
     # back to back, so a slow spell of the machine hits both).
     cpu = {s: statistics.median(r["cpu_us"] for r in v) for s, v in runs.items()}
+    in_redis = {s: statistics.median(r["redis_us"] for r in v) for s, v in runs.items()}
     print("server CPU per request (median of rounds; gunicorn processes, plus Redis for a, b'):")
-    print("     " + "   ".join(f"({s}) {cpu[s]:.0f} us" for s in sides))
+    print(
+        "     "
+        + "   ".join(
+            f"({s}) {cpu[s]:.0f} us" + (f" (Redis {in_redis[s]:.0f})" if in_redis[s] else "")
+            for s in sides
+        )
+    )
     if "a" in cpu:
         for s in ("b", "b'"):
             if s in cpu:
