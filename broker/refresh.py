@@ -77,7 +77,9 @@ class RefreshPolicy:
 
 @dataclass(frozen=True, slots=True)
 class RefreshTarget:
-    """What the refresher needs to re-mint a key: the role and its request (nothing secret)."""
+    """A key in use: its role and the request it was minted with (nothing secret). Only the
+    role is trusted when re-minting; the request is minted from the role table (see
+    :meth:`Refresher._refresh_one`)."""
 
     role: str
     request: MintRequest
@@ -246,12 +248,15 @@ class Refresher:
         now = self._clock()
         if target is None:
             return self._drop(key, "nothing recorded to mint", stats)
-        request = target.request
+        role = self._roles().get(target.role)
+        # What is minted comes from the role table, never from Redis: the stored target only
+        # names the role (anyone who can write Redis could otherwise pick the service account,
+        # scopes and lifetime, and have the token served under this role's key).
+        request = None if role is None else _request_of_role(role)
+        if request is None or cache_key(target.role, request) != key:
+            return self._drop(key, f"role {target.role!r} changed or was removed", stats)
         if last_use is None or now - float(last_use) > request.lifetime_s:
             return self._drop(key, "not used recently", stats)
-        role = self._roles().get(target.role)
-        if role is None or cache_key(role.name, _request_of_role(role)) != key:
-            return self._drop(key, f"role {target.role!r} changed or was removed", stats)
 
         def mint() -> AccessToken:
             if self._budget is not None:

@@ -389,3 +389,17 @@ def test_exchange_touches_keys_and_the_refresher_remints_a_hot_key(make_broker):
         assert b.audit()[0]["cache"] == "hit"
     finally:
         refresher.stop()
+
+
+def test_what_is_minted_comes_from_the_role_table_not_from_redis(world: World):
+    """Whoever can write Redis must not choose the service account, scopes or lifetime of a
+    refresh (the token would be served under this role's key)."""
+    refresher = world.refresher()
+    in_use(world, refresher)
+    forged = RefreshTarget(
+        ROLE.name,
+        MintRequest("owner@other-project.iam.gserviceaccount.com", (SCOPE,), 43200, ("x@y",)),
+    )
+    world.redis.hset("t:{refresh}:what", KEY, forged.to_json())
+    assert refresher.run_once().refreshed == 1
+    assert world.minter.calls == [REQ]
