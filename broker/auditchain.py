@@ -91,7 +91,7 @@ def entry_of(record_id_value: object) -> tuple[int, int] | None:
         return None
     _, _, entry = record_id_value.rpartition("/")
     ms, sep, n = entry.partition("-")
-    if not sep or not ms.isdigit() or not n.isdigit():
+    if not sep or not (entry.isascii() and ms.isdigit() and n.isdigit()):  # "¹".isdigit()
         return None
     return int(ms), int(n)
 

@@ -165,7 +165,7 @@ class KeyFetcher:
             raise FetchError(f"GET {url}: HTTP {status}")
         too_large = f"GET {url}: the answer is larger than {self._max_bytes} bytes; refused"
         length = resp.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self._max_bytes:
+        if length.isascii() and length.isdigit() and int(length) > self._max_bytes:
             raise FetchError(too_large)
         body = bytearray()
         while True:

@@ -85,7 +85,8 @@ class ServerSettings(_Model):
     @classmethod
     def _bind(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        digits = port.isascii() and port.isdigit()  # isdigit alone admits "²"
+        if not sep or not host or not digits or not 0 <= int(port) < 65536:
             raise ValueError(f"{v!r} is not HOST:PORT")
         return v
 

@@ -272,3 +272,14 @@ def test_chain_verifier_reports_a_second_record_with_the_same_seq_before_the_gen
     problem = cv.finish().problem
     assert problem.problem == "inserted" and problem.seq == 3
     assert problem.id == f"wa/{T.entries(c.redis, c.keys, 'wa')[2][0]}"
+
+
+def test_a_record_id_with_non_ascii_digits_is_reported_not_crashing(chains):
+    """"¹".isdigit() is true but int() refuses it: such an id has no stream position."""
+    records = chains.export()
+    victim = next(r for r in records if r.get("writer") == "wa" and r.get("seq") == 3)
+    writer, _, entry = victim["id"].rpartition("/")
+    victim["id"] = f"{writer}/\u00b9{entry[1:]}"
+    report, _ = verify_records(records, RING)
+    assert report.ok is False
+    assert report.first_bad is not None and report.first_bad.writer == "wa"

@@ -77,7 +77,8 @@ def test_events_newest_first_with_cursor(app, issuer):
     assert [e["seq"] for e in got] == sorted((e["seq"] for e in got), reverse=True)
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "since=yesterday",
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "limit=%C2%B2",
+                                   "order=asc&wait=%C2%B9", "since=yesterday",
                                    "since=2030-01-01T00:00:00Z&until=2029-01-01T00:00:00Z",
                                    "cursor=%21%21"])
 def test_bad_event_queries_are_400(app, issuer, query):
@@ -185,6 +186,7 @@ def test_filters(app, issuer, query, expected):
 @pytest.mark.parametrize(("query", "reason"), [
     ("decision=maybe", "bad_filter"), ("order=sideways", "bad_order"), ("wait=26", "bad_wait"),
     ("wait=1", "bad_wait"), ("role=" + "x" * 600, "bad_filter"), ("top=1&limit=-1", "bad_limit"),
+    ("limit=%C2%B2", "bad_limit"),  # "²" passes str.isdigit, not int()
 ])
 def test_bad_filters_are_400_with_a_reason(app, issuer, query, reason):
     resp = app.test_client().get(f"/v1/audit/events?{query}", headers=auth(issuer))
@@ -307,6 +309,7 @@ def test_report(app, issuer):
     assert body["roles_never_used"] == ["batch-b"] and body["days"] == 31
     assert body["refused_subjects"][0]["subject"] == "system:serviceaccount:other:x"
     assert client.get("/v1/audit/report?top=0", headers=auth(issuer)).status_code == 400
+    assert client.get("/v1/audit/report?top=%C2%B2", headers=auth(issuer)).status_code == 400
     assert client.get("/v1/audit/report").status_code == 401
     read = app.extensions["broker"].audit.recent(1)[0]
     assert read["details"]["endpoint"] == "report" and read["decision"] == "denied"

@@ -50,6 +50,7 @@ def test_durations(value, seconds):
         (base(roles={"source": "redis", "file": "r.yaml"}), "roles.file is read only"),
         (base(cache={"min_remaining": "soon"}), "cache.min_remaining"),
         (base(issuers=[]), "issuers"),
+        (base(server={"bind": "127.0.0.1:\u00b280"}), "is not HOST:PORT"),  # "²" isdigit()
     ],
 )
 def test_refusals_name_the_key(cfg, needle):

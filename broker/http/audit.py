@@ -51,7 +51,8 @@ def _time_arg(name: str) -> float | None:
 
 def _int_arg(name: str, default: int, low: int, high: int, reason: str) -> int:
     value = request.args.get(name, "") or str(default)
-    if not value.isdigit() or not low <= int(value) <= high:
+    # isdigit alone admits digits such as "²", which int() refuses
+    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise InvalidRequest(f"{name} must be an integer from {low} to {high}", reason=reason)
     return int(value)
 

@@ -421,6 +421,16 @@ def test_oversized_response_is_refused(
     assert verifier.verify(a.token())
 
 
+def test_a_content_length_of_non_ascii_digits_is_ignored(
+    server: KeyServer, fetcher: KeyFetcher, clock: Clock
+) -> None:
+    """"²".isdigit() is true but int() refuses it: the body is read to its end instead."""
+    a = signer(server)
+    server.json(JWKS_PATH, a.jwks(), content_length=False, headers={"Content-Length": "\u00b2"})
+    verifier = make_verifier(fetcher, clock, a.issuer, jwks_uri=server.url(JWKS_PATH))
+    assert verifier.verify(a.token())
+
+
 def test_slow_sender_is_cut_at_the_total_deadline(
     server: KeyServer, pki: PKI, clock: Clock
 ) -> None:
