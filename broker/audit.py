@@ -216,7 +216,7 @@ class AuditLog:
         self._commits: GroupCommit[_Pending] = GroupCommit(self._flush)
         self._start_chain(writer or new_writer_id())
         self._last_retention = clock()
-        self._folds: dict[tuple[str, str, str], _Fold] = {}
+        self._folds: dict[tuple[str, ...], _Fold] = {}
         self._folds_lock = threading.Lock()
 
     def _start_chain(self, writer: str) -> None:
@@ -460,7 +460,7 @@ class AuditLog:
 
     # -- denials -------------------------------------------------------------------------------
 
-    def append_denial(self, record: AuditRecord, fold_key: tuple[str, str, str]) -> None:
+    def append_denial(self, record: AuditRecord, fold_key: tuple[str, ...]) -> None:
         """Append a denial, folding repeats of ``fold_key`` within one second into a count."""
         now = self._clock()
         with self._folds_lock:

@@ -22,7 +22,7 @@ from broker.audit import (
 from broker.cache import TokenCache, cache_key, generation_of
 from broker.circuit import Bulkhead
 from broker.errors import BrokerError, InvalidTarget, StoreUnavailable
-from broker.identity import Verifier
+from broker.identity import AUDIT_TEXT_MAX, Verifier
 from broker.minting import Minter
 from broker.model import AccessToken, MintRequest, Role, WorkloadIdentity
 from broker.policy import RoleTable, decide
@@ -118,6 +118,8 @@ class TokenExchange:
                     "client_ip", ctx.client_ip, limits.per_client_ip_per_minute
                 )
             request = parse_token_request(params)
+            # Refusals record the role that was asked for (the granted one replaces it below).
+            role_name = request.requested_role[:AUDIT_TEXT_MAX] if request.requested_role else None
             identity = self._verifier.verify(request.subject_token)
             self._limiter.check_blocked(
                 "subject", identity.principal, limits.per_subject_per_minute
@@ -380,7 +382,10 @@ class TokenExchange:
             )
         )
         if decision == "denied":
-            fold_key = (ctx.client_ip or "", exc.reason, record.subject_token_sha256 or "")
+            # Identical denials: same client, reason, token and role asked for.
+            fold_key = (
+                ctx.client_ip or "", exc.reason, record.subject_token_sha256 or "", role_name or ""
+            )
             self._audit.append_denial(record, fold_key)
             return
         # On failure the record is already echoed to stdout with stored: false; the caller
@@ -425,7 +430,7 @@ class TokenExchange:
             reason=reason,
             subject_token_sha256=sha256_hex(raw_token) if raw_token else None,
             client_ip=ctx.client_ip,
-            user_agent=(ctx.user_agent or "")[:256] or None,
+            user_agent=(ctx.user_agent or "")[:AUDIT_TEXT_MAX] or None,
             latency_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
             **fields,
         )
@@ -453,5 +458,5 @@ def _unverified(raw_token: str) -> dict[str, Any]:
     for src, dst in _CLAIM_FIELDS.items():
         value = claims.get(src)
         if isinstance(value, str):
-            out[dst] = value[:256]
+            out[dst] = value[:AUDIT_TEXT_MAX]
     return out

@@ -90,7 +90,7 @@ _URL_TO_STD = bytes.maketrans(b"-_+/=", b"+/!!!")
 # issuers the fingerprint identifies a presented token, not a signing event.
 _CANONICAL_LAST = ("", "", "AQgw", "AEIMQUYcgkosw048")
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.S)
-_AUDIT_TEXT_MAX = 256
+AUDIT_TEXT_MAX = 256  # caller-chosen text kept in an audit record is cut to this length
 
 
 def _fail(reason: str, description: str) -> InvalidSubjectToken:
@@ -710,7 +710,7 @@ class Verifier:
                 "pod_uid": pod.get("uid"),
                 "jti": claims.get("jti"),
             }
-            return {k: v[:_AUDIT_TEXT_MAX] for k, v in found.items() if isinstance(v, str)}
+            return {k: v[:AUDIT_TEXT_MAX] for k, v in found.items() if isinstance(v, str)}
         except Exception:
             return {}
 

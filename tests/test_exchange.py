@@ -188,6 +188,24 @@ def test_unknown_role_and_non_admitting_role_look_the_same(broker):
     ].replace("batch-b", "X")
 
 
+def test_denials_record_the_role_asked_for_and_fold_per_role(broker):
+    """Auditors see which role a refused caller tried to get; probes of different roles with
+    one token are separate records, repeats of one role fold."""
+    token = broker.issuer.token()
+    for role in ("prod-deployer", "org-admin", "prod-deployer", "x" * 600):
+        assert post(broker, exchange_form(token, audience=role)).status_code == 400
+    assert post(broker, exchange_form("garbage", audience="org-admin")).status_code == 400
+    broker.app.extensions["broker"].audit.flush_folds(force=True)
+    got = sorted((r["role"], r["reason"], r["count"]) for r in broker.audit())
+    assert got == [
+        ("org-admin", "role_not_admitted", 1),
+        ("org-admin", "token_malformed", 1),
+        ("prod-deployer", "role_not_admitted", 1),
+        ("prod-deployer", "role_not_admitted", 1),  # the fold of the repeat
+        ("x" * 256, "role_not_admitted", 1),
+    ]
+
+
 def test_ambiguous_roles_need_a_name(broker):
     token = broker.issuer.token("team-x", "runner")
     resp = post(broker, exchange_form(token))
