@@ -7,6 +7,7 @@ the process with the file, the dotted path of the key and the reason (:class:`Co
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -42,16 +43,22 @@ def parse_duration(value: Any) -> float:
     """``"90s"``, ``"15m"``, ``"1h"``, ``"7d"`` (or a bare number of seconds) → seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 90s, 15m, 1h or 7d")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    elif isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return float(m.group(1)) * _UNIT_S[m.group(2)]
-    raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 1h, 7d)")
+            seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds is None:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 1h, 7d)")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration: it must be finite and not negative")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+MIN_AUDIT_RETENTION_S = 3600.0
 
 
 class _Model(BaseModel):
@@ -120,12 +127,14 @@ class TokenReviewSettings(_Model):
     ca_file: str | None = None
     token_file: str | None = None
 
-    @field_validator("enabled")
-    @classmethod
-    def _not_built(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("TokenReview is not built yet; set enabled: false")
-        return v
+    @model_validator(mode="after")
+    def _not_built(self) -> TokenReviewSettings:
+        # Its other keys would be silently ignored, which a setting never is.
+        if self.enabled or self.api_server or self.ca_file or self.token_file:
+            raise ValueError(
+                "TokenReview is not built yet; set enabled: false and leave the rest unset"
+            )
+        return self
 
 
 class IssuerSettings(_Model):
@@ -137,9 +146,9 @@ class IssuerSettings(_Model):
     jwks_file: str | None = None
     jwks_uri: str | None = None
     discovery: bool = False
-    jwks_refresh: Duration = 300.0
-    jwks_max_stale: Duration = 86400.0
-    max_token_lifetime: Duration = 7200.0
+    jwks_refresh: Annotated[Duration, Field(gt=0)] = 300.0
+    jwks_max_stale: Annotated[Duration, Field(gt=0)] = 86400.0
+    max_token_lifetime: Annotated[Duration, Field(gt=0)] = 7200.0
     allow_legacy_tokens: bool = False
     token_review: TokenReviewSettings = TokenReviewSettings()
 
@@ -244,6 +253,14 @@ class AuditSettings(_Model):
     # signed still verify after a rotation (docs/audit.md). Public: not secret.
     previous_public_keys: tuple[str, ...] = ()
 
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, v: float) -> float:
+        # Records older than this are trimmed: 0 (often meant as "keep all") would delete them.
+        if v < MIN_AUDIT_RETENTION_S:
+            raise ValueError("must be at least 1h (records older than it are deleted)")
+        return v
+
     @field_validator("previous_public_keys")
     @classmethod
     def _public_keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -296,6 +313,15 @@ class Settings(_Model):
                 "access.audience must differ from every exchange audience "
                 "(an exchange token must not be an admin credential)"
             )
+        lists = {"admins": self.access.admins, "auditors": self.access.auditors}
+        problems = [
+            f"access.{name}[{i}]: {problem}"
+            for name, entries in lists.items()
+            for i, entry in enumerate(entries)
+            if (problem := _access_entry_problem(entry, self.issuers)) is not None
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.redis.url.startswith("memory://") and self.server.workers > 1:
             raise ValueError("redis.url memory:// is one process only; set server.workers: 1")
         return self
@@ -304,6 +330,23 @@ class Settings(_Model):
         """Resolve a configured path relative to the directory the broker was started in."""
         path = Path(p)
         return path if path.is_absolute() else Path(self.base_dir) / path
+
+
+def _access_entry_problem(entry: str, issuers: tuple[IssuerSettings, ...]) -> str | None:
+    """Why ``entry`` can never match a caller's principal (see ``WorkloadIdentity.principal``),
+    else None: a typo here would only ever show as a 403."""
+    name, _, rest = entry.partition("/")
+    kinds = {i.name: i.kind for i in issuers}
+    if name not in kinds:
+        known = ", ".join(sorted(kinds))
+        return f"{entry!r} must start with an issuer's configured name ({known}), then '/'"
+    if kinds[name] == "kubernetes":
+        namespace, sep, account = rest.partition("/")
+        if not (namespace and sep and account) or "/" in account:
+            return f"{entry!r} must be {name}/NAMESPACE/SERVICE_ACCOUNT"
+    elif not rest:
+        return f"{entry!r} must be {name}/SUBJECT"
+    return None
 
 
 def key_url_problem(url: str) -> str | None:

@@ -51,6 +51,18 @@ def test_durations(value, seconds):
         (base(cache={"min_remaining": "soon"}), "cache.min_remaining"),
         (base(issuers=[]), "issuers"),
         (base(server={"bind": "127.0.0.1:\u00b280"}), "is not HOST:PORT"),  # "²" isdigit()
+        # 0 would trim every audit record at the next retention pass
+        (base(audit={"retention": "0s"}), "audit.retention"),
+        (base(access={"admins": ["https://i/ops/admin"]}), "access.admins[0]: 'https://i/ops/admin' must start with an issuer's configured name (a)"),
+        (base(access={"auditors": ["a/ops/x", "a/ops"]}), "access.auditors[1]: 'a/ops' must be a/NAMESPACE/SERVICE_ACCOUNT"),
+        (base(access={"admins": ["nosuch/a/b"]}), "access.admins[0]"),
+        (base(issuers=[{"name": "a", "issuer": "https://i", "audiences": ["x"], "jwks_file": "k",
+                        "token_review": {"api_server": "https://k"}}]), "TokenReview is not built"),
+        (base(audit={"retention": "59m"}), "audit.retention"),
+        (base(cache={"min_remaining": -1}), "cache.min_remaining: -1 is not a duration: it must be"),
+        (base(cache={"min_remaining": float("inf")}), "cache.min_remaining"),
+        (base(issuers=[{"name": "a", "issuer": "https://i", "audiences": ["x"],
+                        "jwks_file": "k", "jwks_max_stale": "0s"}]), "jwks_max_stale"),
     ],
 )
 def test_refusals_name_the_key(cfg, needle):
