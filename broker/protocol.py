@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from broker.errors import (
     BrokerError,
@@ -109,8 +112,13 @@ def parse_scope(value: str | None) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def params_from_json(body: Any) -> dict[str, list[str]]:
-    """Turn a JSON object body into the same shape as form parameters; refuse non-strings."""
+def params_from_json(raw: bytes) -> dict[str, list[str]]:
+    """Turn a JSON object body into the same shape as form parameters; refuse malformed JSON,
+    non-strings and a parameter given twice (RFC 6749 §3.1), as the form parser does."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("body is not valid JSON", reason="malformed_body") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("JSON body must be an object", reason="malformed_body")
     params: dict[str, list[str]] = {}
@@ -125,7 +133,30 @@ def params_from_json(body: Any) -> dict[str, list[str]]:
         if not isinstance(value, str):
             raise InvalidRequest(f"parameter {key!r} must be a string", reason="malformed_body")
         params[key] = [value]
+    repeated = _repeated_key(raw)
+    if repeated is not None:
+        raise InvalidRequest(
+            f"parameter {repeated!r} was given more than once (RFC 6749 §3.1)",
+            reason="duplicate_parameter",
+        )
     return params
+
+
+def _repeated_key(raw: bytes) -> str | None:
+    """A key that ``raw`` (JSON that orjson parsed) repeats in one object, if any: orjson keeps
+    the last value silently. The values were checked already, so the body is one flat object."""
+    repeated: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> None:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            repeated.append(next(k for k in keys if keys.count(k) > 1))
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError):
+        return None  # orjson parsed it; anything json refuses has no repeated key to report
+    return repeated[0] if repeated else None
 
 
 def params_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

@@ -224,6 +224,15 @@ def test_duplicate_parameters_refused(broker):
     assert broker.audit()[0]["reason"] == "duplicate_parameter"
 
 
+def test_duplicate_json_parameters_refused_like_form_ones(broker):
+    """orjson keeps the last of repeated keys: the first audience must not be swapped out."""
+    form = {**exchange_form(broker.issuer.token()), "audience": "flux-source-reader"}
+    body = json.dumps(form)[:-1] + ', "audience": "team-role"}'
+    resp = broker.client.post("/v1/token", data=body, content_type="application/json")
+    assert resp.status_code == 400 and "'audience' was given more than once" in resp.text
+    assert broker.audit()[0]["reason"] == "duplicate_parameter"
+
+
 def test_malformed_scope(broker):
     resp = post(broker, exchange_form(broker.issuer.token(), scope='bad"scope'))
     assert resp.json["error"] == "invalid_scope"

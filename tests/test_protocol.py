@@ -73,10 +73,19 @@ def test_scope_parsing():
 
 def test_json_and_pairs():
     assert params_from_pairs([("a", "1"), ("a", "2")]) == {"a": ["1", "2"]}
-    assert params_from_json({"a": "1", "b": None}) == {"a": ["1"]}
-    for bad in ([], {"a": 1}, {"a": ["x", "y"]}):
+    assert params_from_json(b'{"a": "1", "b": null}') == {"a": ["1"]}
+    for bad in (b"[]", b'{"a": 1}', b'{"a": ["x", "y"]}', b"{", b'{"a": "\\ud800"}'):
         with pytest.raises(InvalidRequest):
             params_from_json(bad)
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"a": "1", "a": "2"}', b'{"a": "1", "b": "x", "a": null}', b'{"a": {}, "a": "x"}']
+)
+def test_json_parameter_given_twice_is_refused(raw):
+    with pytest.raises(InvalidRequest) as info:
+        params_from_json(raw)
+    assert info.value.reason == "duplicate_parameter" and "'a'" in info.value.description
 
 
 def test_token_response_expires_in_is_positive_int():

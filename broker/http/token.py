@@ -6,7 +6,6 @@ import functools
 from typing import Any
 from urllib.parse import unquote
 
-import orjson
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -54,10 +53,7 @@ def _token_params(environ: dict[str, Any], limit: int) -> dict[str, list[str]]:
                 ) from exc
             return params_from_pairs(pairs)
         if mimetype == "application/json":
-            try:
-                return params_from_json(orjson.loads(_body(environ, limit)))
-            except orjson.JSONDecodeError as exc:
-                raise InvalidRequest("body is not valid JSON", reason="malformed_body") from exc
+            return params_from_json(_body(environ, limit))
     except RequestEntityTooLarge as exc:
         raise RequestTooLarge(f"request body is larger than {limit} bytes") from exc
     raise InvalidRequest(
