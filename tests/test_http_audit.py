@@ -113,6 +113,7 @@ def test_verify_reports_ok_then_the_tampered_record(app, issuer):
     assert body["ok"] is False
     assert body["first_bad"]["id"] == bad_id and body["first_bad"]["problem"] == "altered"
     assert client.get("/v1/audit/verify?full=maybe", headers=auth(issuer)).status_code == 400
+    assert client.get("/v1/audit/verify?ful=true", headers=auth(issuer)).status_code == 400
 
 
 def test_public_key_for_anyone_with_previous_keys(tmp_path, issuer):
@@ -185,8 +186,10 @@ def test_filters(app, issuer, query, expected):
 
 @pytest.mark.parametrize(("query", "reason"), [
     ("decision=maybe", "bad_filter"), ("order=sideways", "bad_order"), ("wait=26", "bad_wait"),
-    ("wait=1", "bad_wait"), ("role=" + "x" * 600, "bad_filter"), ("top=1&limit=-1", "bad_limit"),
+    ("wait=1", "bad_wait"), ("role=" + "x" * 600, "bad_filter"), ("limit=-1", "bad_limit"),
     ("limit=%C2%B2", "bad_limit"),  # "²" passes str.isdigit, not int()
+    # a misspelt or repeated filter must not answer as if absent (every record)
+    ("servce_account=nobody%40x", "bad_filter"), ("role=a&role=b", "bad_filter"),
 ])
 def test_bad_filters_are_400_with_a_reason(app, issuer, query, reason):
     resp = app.test_client().get(f"/v1/audit/events?{query}", headers=auth(issuer))
@@ -310,6 +313,7 @@ def test_report(app, issuer):
     assert body["refused_subjects"][0]["subject"] == "system:serviceaccount:other:x"
     assert client.get("/v1/audit/report?top=0", headers=auth(issuer)).status_code == 400
     assert client.get("/v1/audit/report?top=%C2%B2", headers=auth(issuer)).status_code == 400
+    assert client.get("/v1/audit/report?role=x", headers=auth(issuer)).status_code == 400
     assert client.get("/v1/audit/report").status_code == 401
     read = app.extensions["broker"].audit.recent(1)[0]
     assert read["details"]["endpoint"] == "report" and read["decision"] == "denied"

@@ -57,6 +57,20 @@ def _int_arg(name: str, default: int, low: int, high: int, reason: str) -> int:
     return int(value)
 
 
+def _only_args(*accepted: str) -> None:
+    """Refuse parameters the endpoint does not know, and any given twice: a misspelt filter
+    must not answer as if it were absent (every record, unfiltered)."""
+    for name in request.args:
+        if name not in accepted:
+            raise InvalidRequest(
+                f"unknown parameter {name!r} (accepted: {', '.join(accepted)})",
+                reason="bad_filter",
+            )
+        if len(request.args.getlist(name)) > 1:
+            raise InvalidRequest(f"parameter {name!r} was given more than once",
+                                 reason="bad_filter")
+
+
 def _flag(name: str) -> bool:
     value = request.args.get(name, "").lower()
     if value not in ("", "0", "1", "true", "false"):
@@ -142,6 +156,7 @@ def events() -> Response:
     ``Accept: application/x-ndjson`` streams one record a line."""
 
     def handle(caller: Caller) -> tuple[Response, dict[str, Any]]:
+        _only_args(*FILTERS, "since", "until", "order", "limit", "cursor", "wait")
         query, cursor = _query_args()
         limit = _int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT, "bad_limit")
         wait = _int_arg("wait", 0, 0, MAX_WAIT_S, "bad_wait")
@@ -206,6 +221,7 @@ def report() -> Response:
     used, over the UTC days that ``since``..``until`` touch (default: the last 30 days)."""
 
     def handle(caller: Caller) -> tuple[Response, dict[str, Any]]:
+        _only_args("since", "until", "top")
         now = time.time()
         since, until = _time_arg("since"), _time_arg("until")
         until = now if until is None else until
@@ -229,6 +245,7 @@ def verify() -> Response:
     unsealed tail."""
 
     def handle(caller: Caller) -> tuple[Response, dict[str, Any]]:
+        _only_args("full", "strict")
         full, strict = _flag("full"), _flag("strict")
         result = broker().audit_verifier.verify(full=full, strict=strict).to_dict()
         details = {"filter": {"full": full, "strict": strict}, "ok": result.get("ok"),
