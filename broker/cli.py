@@ -100,17 +100,24 @@ def dev(bind: str) -> None:
 def token(server: str, token_file: Path, role: str | None, output: str, timeout: float) -> None:
     """Exchange a service-account token for a GCP access token and print it.
 
-    Exit codes: 0 issued; 1 refused (the broker's error is printed); 2 bad usage or unreadable
-    token file; 3 broker unreachable or temporarily unavailable (retry later).
+    Exit codes: 0 issued; 1 refused (the broker's error is printed; also IAM refusing the
+    broker, 502: an operator must act); 2 bad usage or unreadable token file; 3 broker
+    unreachable, rate-limited or temporarily unavailable (retry later).
     """
     import json
 
     import requests
 
+    if not server.startswith(("http://", "https://")):
+        click.echo(f"error: --server must be an http:// or https:// URL, not {server!r}", err=True)
+        sys.exit(2)
     try:
         subject = token_file.read_text(encoding="utf-8").strip()
     except OSError as exc:
         click.echo(f"error: cannot read {token_file}: {exc.strerror}", err=True)
+        sys.exit(2)
+    except UnicodeDecodeError:
+        click.echo(f"error: {token_file} is not a token (not UTF-8 text)", err=True)
         sys.exit(2)
     form = {
         "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
@@ -137,7 +144,10 @@ def token(server: str, token_file: Path, role: str | None, output: str, timeout:
     desc = body.get("error_description", "") if isinstance(body, dict) else ""
     rid = body.get("request_id", "") if isinstance(body, dict) else ""
     click.echo(f"error: {error}: {desc}" + (f" (request_id {rid})" if rid else ""), err=True)
-    if resp.status_code == 429 or resp.status_code >= 500:
+    # The broker's own 502 (IAM refused, its credentials failed) needs a fix, not a retry; a
+    # proxy's 502 without the broker's JSON error is retried like any other 5xx.
+    needs_fix = resp.status_code == 502 and error == "server_error"
+    if resp.status_code == 429 or (resp.status_code >= 500 and not needs_fix):
         retry = resp.headers.get("Retry-After")
         if retry:
             click.echo(f"retry after {retry}s", err=True)

@@ -55,6 +55,12 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                 "200": _resp("issued", {"$ref": "#/components/schemas/TokenResponse"}),
                 **_ERRORS,
                 "413": _resp("body larger than server.max_request_bytes", _ERROR),
+                "502": _resp(
+                    "server_error: IAM refused the broker (iam_refused) or its own GCP "
+                    "credentials failed (iam_credentials); an operator must act, retrying "
+                    "will not help",
+                    _ERROR,
+                ),
             },
         }
     },
