@@ -66,6 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FOLD_WINDOW_S = 1.0
+FOLDED_IDS_MAX = 100  # request ids kept in a folded record (a flood folds thousands)
 CHECKPOINT_INTERVAL_S = 5.0
 RETENTION_EVERY_S = 60.0
 
@@ -181,6 +182,9 @@ class _Fold:
     template: AuditRecord
     started: float
     folded: int = 0  # occurrences after the first, not yet written
+    first_folded_at: float | None = None
+    # Their request ids (the first FOLDED_IDS_MAX), so each caller's X-Request-Id is on record.
+    request_ids: list[str] = dataclasses.field(default_factory=list)
 
 
 class AuditLog:
@@ -468,6 +472,10 @@ class AuditLog:
             fold = self._folds.get(fold_key)
             if fold is not None:
                 fold.folded += 1
+                if fold.first_folded_at is None:
+                    fold.first_folded_at = now
+                if record.request_id is not None and len(fold.request_ids) < FOLDED_IDS_MAX:
+                    fold.request_ids.append(record.request_id)
                 return
             self._folds[fold_key] = _Fold(template=record, started=now)
         self._append_quietly(record)
@@ -482,14 +490,7 @@ class AuditLog:
             if now - fold.started >= FOLD_WINDOW_S:
                 del self._folds[key]
                 if fold.folded:
-                    self._append_quietly(
-                        dataclasses.replace(
-                            fold.template,
-                            count=fold.folded,
-                            time=rfc3339(fold.started),
-                            latency_ms=None,
-                        )
-                    )
+                    self._append_quietly(_folded_record(fold))
 
     def _append_quietly(self, record: AuditRecord) -> None:
         try:
@@ -563,6 +564,24 @@ class AuditLog:
             if cursor is None:
                 break
         return out[:count]
+
+
+def _folded_record(fold: _Fold) -> AuditRecord:
+    """The record of a fold's repeats: the first repeat's time and request id, every repeat's
+    id in ``details.request_ids`` (the first :data:`FOLDED_IDS_MAX`; ``more`` counts the rest)."""
+    ids = fold.request_ids
+    details = dict(fold.template.details or {})
+    details["request_ids"] = ids
+    if fold.folded > len(ids):
+        details["more"] = fold.folded - len(ids)
+    return dataclasses.replace(
+        fold.template,
+        count=fold.folded,
+        time=rfc3339(fold.first_folded_at or fold.started),
+        request_id=ids[0] if ids else fold.template.request_id,
+        latency_ms=None,
+        details=details,
+    )
 
 
 def _stdout_line(record: bytes) -> bytes:

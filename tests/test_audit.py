@@ -11,6 +11,7 @@ import orjson
 import pytest
 import redis
 
+from broker import audit as audit_module
 from broker.audit import (
     GENESIS,
     AuditLog,
@@ -262,6 +263,21 @@ def test_folding_identical_denials(log):
     assert counts == [1, 1, 4]
     log.append_denial(rec(), key)  # a new window starts a new first record
     assert len(log.recent()) == 4
+
+
+def test_a_folded_record_names_the_repeats_request_ids(log, monkeypatch):
+    monkeypatch.setattr(audit_module, "FOLDED_IDS_MAX", 3)
+    key = ("ip", "r", "t")
+    for i in range(6):
+        log.append_denial(rec(request_id=f"req-{i}"), key)
+        log.clock.now += 0.1
+    log.clock.now += 1
+    log.flush_folds()
+    first, folded = sorted(log.recent(), key=lambda r: r["seq"])
+    assert (first["request_id"], first["count"]) == ("req-0", 1)
+    assert (folded["request_id"], folded["count"]) == ("req-1", 5)
+    assert folded["details"] == {"request_ids": ["req-1", "req-2", "req-3"], "more": 2}
+    assert folded["time"] > first["time"]
 
 
 def test_fold_window_not_closed_early(log):
