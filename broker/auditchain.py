@@ -116,9 +116,12 @@ def _second(epoch_s: int) -> str:
 
 def parse_time(value: object) -> float | None:
     """Seconds since the epoch of an RFC 3339 time (``Z`` or offset), or None if malformed."""
-    if not isinstance(value, str) or "T" not in value:
+    if not isinstance(value, str):
         return None
-    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    value = value.upper()  # RFC 3339 §5.6 allows "t" and "z"
+    if "T" not in value:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:

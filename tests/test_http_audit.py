@@ -94,6 +94,8 @@ def test_time_range_filters(app, issuer):
     now = client.get("/v1/audit/events?since=2000-01-01T00:00:00%2B00:00", headers=auth(issuer))
     assert [e["event"] for e in now.json["events"]] == [
         "audit.read", "token.exchange", "token.exchange"]  # the first read is on record too
+    lower = client.get("/v1/audit/events?since=2999-01-01t00:00:00z", headers=auth(issuer))
+    assert lower.status_code == 200 and lower.json["events"] == []  # RFC 3339 §5.6: t and z
 
 
 def test_verify_reports_ok_then_the_tampered_record(app, issuer):
