@@ -144,7 +144,8 @@ def params_from_json(raw: bytes) -> dict[str, list[str]]:
 
 def _repeated_key(raw: bytes) -> str | None:
     """A key that ``raw`` (JSON that orjson parsed) repeats in one object, if any: orjson keeps
-    the last value silently. The values were checked already, so the body is one flat object."""
+    the last value silently, and a repeat may even hide a nested value (json's own depth limit
+    applies to it)."""
     repeated: list[str] = []
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> None:
