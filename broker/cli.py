@@ -108,7 +108,7 @@ def token(server: str, token_file: Path, role: str | None, output: str, timeout:
 
     import requests
 
-    if not server.startswith(("http://", "https://")):
+    if not server.lower().startswith(("http://", "https://")):
         click.echo(f"error: --server must be an http:// or https:// URL, not {server!r}", err=True)
         sys.exit(2)
     try:

@@ -26,7 +26,7 @@ from broker.identity import AUDIT_TEXT_MAX, Verifier
 from broker.minting import Minter
 from broker.model import AccessToken, MintRequest, Role, WorkloadIdentity
 from broker.policy import RoleTable, decide
-from broker.protocol import parse_token_request, token_response
+from broker.protocol import parse_token_request, requested_role, token_response
 from broker.ratelimit import MintBudget, RateLimiter
 from broker.redisbatch import CommandRecorder, Condition
 from broker.redismux import Multiplexer
@@ -109,7 +109,9 @@ class TokenExchange:
         limits = self._settings.rate_limit
         raw_token = (params.get("subject_token") or [""])[0].strip()
         identity: WorkloadIdentity | None = None
-        role_name: str | None = None
+        # Refusals record the role that was asked for (the granted one replaces it below).
+        asked = requested_role(params)
+        role_name = asked[:AUDIT_TEXT_MAX] if asked else None
         counted = False  # both limits counted (in the hot path's pipeline)
         try:
             if ctx.client_ip:
@@ -118,8 +120,6 @@ class TokenExchange:
                     "client_ip", ctx.client_ip, limits.per_client_ip_per_minute
                 )
             request = parse_token_request(params)
-            # Refusals record the role that was asked for (the granted one replaces it below).
-            role_name = request.requested_role[:AUDIT_TEXT_MAX] if request.requested_role else None
             identity = self._verifier.verify(request.subject_token)
             self._limiter.check_blocked(
                 "subject", identity.principal, limits.per_subject_per_minute

@@ -92,14 +92,20 @@ def parse_token_request(params: Mapping[str, list[str]]) -> TokenRequest:
         )
     if one("actor_token") or one("actor_token_type"):
         raise InvalidRequest("delegation (actor_token) is not supported", reason="actor_token")
-    audience = (one("audience") or "").strip()
-    role = None if not audience or audience.startswith(WIF_AUDIENCE_PREFIX) else audience
     return TokenRequest(
         subject_token=token,
         subject_token_type=token_type,
-        requested_role=role,
+        requested_role=requested_role(params),
         scopes=parse_scope(one("scope")),
     )
+
+
+def requested_role(params: Mapping[str, list[str]]) -> str | None:
+    """The role a request names: its (first) ``audience``; None when there is none or it is a
+    workload-identity-pool URI. Also read for the audit record of a request refused as malformed."""
+    values = params.get("audience")
+    audience = values[0].strip() if values else ""
+    return None if not audience or audience.startswith(WIF_AUDIENCE_PREFIX) else audience
 
 
 def parse_scope(value: str | None) -> tuple[str, ...]:
@@ -112,52 +118,31 @@ def parse_scope(value: str | None) -> tuple[str, ...]:
     return tuple(tokens)
 
 
+class _Object(list[tuple[str, Any]]):
+    """A JSON object as its ``(key, value)`` pairs, in order, repeats kept."""
+
+
 def params_from_json(raw: bytes) -> dict[str, list[str]]:
-    """Turn a JSON object body into the same shape as form parameters; refuse malformed JSON,
-    non-strings and a parameter given twice (RFC 6749 §3.1), as the form parser does."""
+    """Turn a JSON object body into the same shape as form parameters: each name mapped to every
+    value it was given, so a repeated key is refused by :func:`parse_token_request` exactly as a
+    repeated form field is (RFC 6749 §3.1). Refuses malformed JSON and non-string values."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        orjson.loads(raw)  # strict RFC 8259: no NaN, no lone surrogates (they could not be audited)
+        # orjson keeps only the last of repeated keys; json with a pairs hook keeps them all. A
+        # body nested deeper than json's recursion allows is not a token request either.
+        body = json.loads(raw, object_pairs_hook=_Object)
+    except (ValueError, RecursionError) as exc:  # orjson's and json's errors are ValueErrors
         raise InvalidRequest("body is not valid JSON", reason="malformed_body") from exc
-    if not isinstance(body, dict):
+    if not isinstance(body, _Object):
         raise InvalidRequest("JSON body must be an object", reason="malformed_body")
     params: dict[str, list[str]] = {}
-    for key, value in body.items():
-        if isinstance(value, list):
-            raise InvalidRequest(
-                f"parameter {key!r} was given more than once (RFC 6749 §3.1)",
-                reason="duplicate_parameter",
-            )
+    for key, value in body:
         if value is None:
             continue
         if not isinstance(value, str):
             raise InvalidRequest(f"parameter {key!r} must be a string", reason="malformed_body")
-        params[key] = [value]
-    repeated = _repeated_key(raw)
-    if repeated is not None:
-        raise InvalidRequest(
-            f"parameter {repeated!r} was given more than once (RFC 6749 §3.1)",
-            reason="duplicate_parameter",
-        )
+        params.setdefault(key, []).append(value)
     return params
-
-
-def _repeated_key(raw: bytes) -> str | None:
-    """A key that ``raw`` (JSON that orjson parsed) repeats in one object, if any: orjson keeps
-    the last value silently, and a repeat may even hide a nested value (json's own depth limit
-    applies to it)."""
-    repeated: list[str] = []
-
-    def pairs_hook(pairs: list[tuple[str, Any]]) -> None:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            repeated.append(next(k for k in keys if keys.count(k) > 1))
-
-    try:
-        json.loads(raw, object_pairs_hook=pairs_hook)
-    except (ValueError, RecursionError):
-        return None  # orjson parsed it; anything json refuses has no repeated key to report
-    return repeated[0] if repeated else None
 
 
 def params_from_pairs(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

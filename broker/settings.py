@@ -39,6 +39,9 @@ API_SERVER_AUDIENCES = (
 )
 
 
+MAX_DURATION_S = 36500 * 86400.0  # 100 years: beyond it, expiry times overflow Redis's
+
+
 def parse_duration(value: Any) -> float:
     """``"90s"``, ``"15m"``, ``"1h"``, ``"7d"`` (or a bare number of seconds) → seconds."""
     if isinstance(value, bool):
@@ -52,8 +55,8 @@ def parse_duration(value: Any) -> float:
             seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
     if seconds is None:
         raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 15m, 1h, 7d)")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value!r} is not a duration: it must be finite and not negative")
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_DURATION_S:
+        raise ValueError(f"{value!r} is not a duration: it must be between 0s and 36500d")
     return seconds
 
 

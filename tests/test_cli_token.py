@@ -42,6 +42,12 @@ def test_a_server_without_a_scheme_is_bad_usage(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "http:// or https://" in res.output
 
 
+def test_the_scheme_may_be_upper_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = _Answer(200, {"access_token": "ya29.x"})
+    res = run(tmp_path, "--server", "HTTP://broker", answer=answer, monkeypatch=monkeypatch)
+    assert res.exit_code == 0 and res.output.strip() == "ya29.x"
+
+
 @pytest.mark.parametrize(
     ("answer", "code"),
     [

@@ -195,9 +195,12 @@ def test_denials_record_the_role_asked_for_and_fold_per_role(broker):
     for role in ("prod-deployer", "org-admin", "prod-deployer", "x" * 600):
         assert post(broker, exchange_form(token, audience=role)).status_code == 400
     assert post(broker, exchange_form("garbage", audience="org-admin")).status_code == 400
+    bad_scope = {**exchange_form(token, audience="org-admin"), "scope": 'bad"scope'}
+    assert post(broker, bad_scope).status_code == 400  # refused while parsing the request
     broker.app.extensions["broker"].audit.flush_folds(force=True)
     got = sorted((r["role"], r["reason"], r["count"]) for r in broker.audit())
     assert got == [
+        ("org-admin", "invalid_scope", 1),
         ("org-admin", "role_not_admitted", 1),
         ("org-admin", "token_malformed", 1),
         ("prod-deployer", "role_not_admitted", 1),
@@ -230,7 +233,10 @@ def test_duplicate_json_parameters_refused_like_form_ones(broker):
     body = json.dumps(form)[:-1] + ', "audience": "team-role"}'
     resp = broker.client.post("/v1/token", data=body, content_type="application/json")
     assert resp.status_code == 400 and "'audience' was given more than once" in resp.text
-    assert broker.audit()[0]["reason"] == "duplicate_parameter"
+    [rec] = broker.audit()
+    assert rec["reason"] == "duplicate_parameter" and rec["role"] == "flux-source-reader"
+    # recorded like a form's repeat: the caller's token fingerprint and (unverified) claims
+    assert rec["subject_token_sha256"] and rec["namespace"] == "flux-system"
 
 
 def test_malformed_scope(broker):
