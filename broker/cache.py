@@ -78,15 +78,7 @@ def cache_key(role_name: str, request: MintRequest) -> str:
 
 def role_cache_key(role: Role) -> str:
     """The cache key of ``role``'s tokens: what the exchange computes for it."""
-    return cache_key(
-        role.name,
-        MintRequest(
-            service_account=role.service_account,
-            scopes=role.scopes,
-            lifetime_s=role.lifetime_s,
-            delegates=role.delegates,
-        ),
-    )
+    return cache_key(role.name, role.mint_request())
 
 
 @dataclass(frozen=True, slots=True)

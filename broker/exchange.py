@@ -135,12 +135,7 @@ class TokenExchange:
                 )
             role = decision.role
             role_name = role.name
-            mint_request = MintRequest(
-                service_account=role.service_account,
-                scopes=role.scopes,
-                lifetime_s=role.lifetime_s,
-                delegates=role.delegates,
-            )
+            mint_request = role.mint_request()
             key = cache_key(role.name, mint_request)
             grant = _Grant(ctx, raw_token, identity, role, mint_request, key)
             memo = self._memo.get(key, now) if self._memo is not None else None

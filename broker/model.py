@@ -52,6 +52,16 @@ class Role:
     delegates: tuple[str, ...] = ()
     description: str = ""
 
+    def mint_request(self) -> MintRequest:
+        """What is asked of IAM for this role: the exchange, the cache's keys and the
+        refresher all take it from here, so they cannot disagree."""
+        return MintRequest(
+            service_account=self.service_account,
+            scopes=self.scopes,
+            lifetime_s=self.lifetime_s,
+            delegates=self.delegates,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:

@@ -42,7 +42,7 @@ import redis
 from broker.cache import TokenCache, cache_key
 from broker.errors import BrokerError
 from broker.minting import Minter
-from broker.model import AccessToken, MintRequest, Role
+from broker.model import AccessToken, MintRequest
 from broker.policy import RoleTable
 from broker.ratelimit import MintBudget
 
@@ -252,7 +252,7 @@ class Refresher:
         # What is minted comes from the role table, never from Redis: the stored target only
         # names the role (anyone who can write Redis could otherwise pick the service account,
         # scopes and lifetime, and have the token served under this role's key).
-        request = None if role is None else _request_of_role(role)
+        request = None if role is None else role.mint_request()
         if request is None or cache_key(target.role, request) != key:
             return self._drop(key, f"role {target.role!r} changed or was removed", stats)
         if last_use is None or now - float(last_use) > request.lifetime_s:
@@ -310,16 +310,6 @@ class Refresher:
         pipe.execute()
         with self._memo_lock:
             self._memo.pop(key, None)
-
-
-def _request_of_role(role: Role) -> MintRequest:
-    """What the exchange asks IAM for on behalf of ``role`` (see broker.exchange)."""
-    return MintRequest(
-        service_account=role.service_account,
-        scopes=role.scopes,
-        lifetime_s=role.lifetime_s,
-        delegates=role.delegates,
-    )
 
 
 __all__ = ["RefreshPolicy", "RefreshStats", "RefreshTarget", "Refresher"]
